@@ -1,0 +1,9 @@
+//! `vmoat status`: the VM, its containers, health and tunnels.
+
+use crate::context::Context;
+use crate::exit::{CmdResult, CodedError, Exit};
+
+/// Runs the command.
+pub fn run(_ctx: &Context) -> CmdResult {
+    Err(CodedError::msg(Exit::Failed, "this command is not built yet"))
+}

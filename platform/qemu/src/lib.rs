@@ -1,0 +1,1 @@
+//! qemu platform driver: argv, accel choice (kvm/hvf/tcg), QMP, virtiofsd, disks.

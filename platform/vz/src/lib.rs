@@ -1,0 +1,1 @@
+//! Apple Virtualization.framework platform driver (macOS only).
