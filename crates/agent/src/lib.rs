@@ -12,4 +12,7 @@ pub mod events;
 pub mod exec_client;
 pub mod frame;
 pub mod protocol;
+pub mod serial;
 pub mod server;
+pub mod settings;
+pub mod spawn;
