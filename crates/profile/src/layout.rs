@@ -16,10 +16,17 @@
 //!   _vmoat/locks/<profile>.lock      one lock per profile; outlives `destroy` on purpose
 //! ```
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 /// The prefix Colima puts before a profile name to make the Lima instance name.
 pub const INSTANCE_PREFIX: &str = "colima-";
+
+/// The Lima instance name of Colima's default profile.
+pub const DEFAULT_INSTANCE: &str = "colima";
+
+/// The short name of Colima's default profile.
+pub const DEFAULT_PROFILE: &str = "default";
 
 /// The Colima home directory and the directories under it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,17 +36,50 @@ pub struct ColimaHome {
 }
 
 impl ColimaHome {
-    /// The home from the environment: `$COLIMA_HOME`, else `~/.colima`; Lima's home is
-    /// `$LIMA_HOME`, else `<colima home>/_lima`, as Colima sets it.
+    /// The home from the environment, chosen as Colima chooses it so both tools share one home:
+    /// `$COLIMA_HOME` when set (created on demand, unlike Colima, which ignores a missing one);
+    /// else `~/.colima` if it exists; else `$XDG_CONFIG_HOME/colima` when that variable is set;
+    /// else `~/.config/colima` if it exists; else `~/.colima`. Lima's home is `$LIMA_HOME`,
+    /// else `<colima home>/_lima`, as Colima sets it. `None` when no home directory is known.
     pub fn from_env() -> Option<ColimaHome> {
-        let root = match std::env::var_os("COLIMA_HOME") {
-            Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-            _ => std::env::home_dir()?.join(".colima"),
+        // std's home_dir falls back to the password database when HOME is unset.
+        let env = |key: &str| match key {
+            "HOME" => std::env::home_dir().map(PathBuf::into_os_string),
+            _ => std::env::var_os(key),
         };
-        let lima_home = match std::env::var_os("LIMA_HOME") {
-            Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-            _ => root.join("_lima"),
+        ColimaHome::resolve(&env, &|path| path.exists())
+    }
+
+    /// [`ColimaHome::from_env`] over an explicit environment and file system, for tests.
+    pub fn resolve(
+        env: &dyn Fn(&str) -> Option<OsString>,
+        exists: &dyn Fn(&Path) -> bool,
+    ) -> Option<ColimaHome> {
+        let set = |key: &str| {
+            env(key)
+                .filter(|value| !value.is_empty())
+                .map(PathBuf::from)
         };
+
+        let root = match set("COLIMA_HOME") {
+            Some(dir) => dir,
+            None => {
+                let home = set("HOME")?;
+                let dot_colima = home.join(".colima");
+                let xdg = set("XDG_CONFIG_HOME");
+                let config_colima = xdg.clone().unwrap_or_else(|| home.join(".config"));
+                let config_colima = config_colima.join("colima");
+                if exists(&dot_colima) {
+                    dot_colima
+                } else if xdg.is_some() || exists(&config_colima) {
+                    config_colima
+                } else {
+                    dot_colima
+                }
+            }
+        };
+
+        let lima_home = set("LIMA_HOME").unwrap_or_else(|| root.join("_lima"));
         Some(ColimaHome { root, lima_home })
     }
 
@@ -86,17 +126,36 @@ impl ColimaHome {
         self.vmoat_dir().join("locks")
     }
 
-    /// The paths of one profile.
+    /// The paths of one profile, named as Colima names it: `default`, `colima` and the empty
+    /// name are Colima's default profile (instance `colima`); any other name loses a leading
+    /// `colima-` and gets it back as the instance name.
     pub fn profile(&self, name: &str) -> ProfilePaths {
-        let short = name.strip_prefix(INSTANCE_PREFIX).unwrap_or(name);
-        let id = format!("{INSTANCE_PREFIX}{short}");
+        let (short, id) = match name {
+            "" | DEFAULT_INSTANCE | DEFAULT_PROFILE => {
+                (DEFAULT_PROFILE.to_owned(), DEFAULT_INSTANCE.to_owned())
+            }
+            _ => {
+                let short = name.strip_prefix(INSTANCE_PREFIX).unwrap_or(name);
+                (short.to_owned(), format!("{INSTANCE_PREFIX}{short}"))
+            }
+        };
         ProfilePaths {
-            name: short.to_owned(),
-            profile_dir: self.root.join(short),
+            profile_dir: self.root.join(&short),
             instance_dir: self.lima_home.join(&id),
             lock_file: self.locks_dir().join(format!("{short}.lock")),
+            name: short,
             id,
         }
+    }
+
+    /// The profile of a Lima instance directory name, if it is one of Colima's (`colima` or
+    /// `colima-<name>`); other Lima instances and Lima's `_`-prefixed entries give `None`.
+    pub fn profile_of_instance(&self, instance: &str) -> Option<ProfilePaths> {
+        let is_colima = instance == DEFAULT_INSTANCE
+            || instance
+                .strip_prefix(INSTANCE_PREFIX)
+                .is_some_and(|rest| !rest.is_empty());
+        is_colima.then(|| self.profile(instance))
     }
 }
 
@@ -229,10 +288,71 @@ mod tests {
         assert_eq!(p.id, "colima-wt-feat");
         assert_eq!(p.profile_dir, Path::new("/h/.colima/wt-feat"));
         assert_eq!(p.instance_dir, Path::new("/h/.colima/_lima/colima-wt-feat"));
-        assert_eq!(p.ha_sock(), Path::new("/h/.colima/_lima/colima-wt-feat/ha.sock"));
+        assert_eq!(
+            p.ha_sock(),
+            Path::new("/h/.colima/_lima/colima-wt-feat/ha.sock")
+        );
         assert_eq!(p.docker_sock(), Path::new("/h/.colima/wt-feat/docker.sock"));
-        assert_eq!(p.lock_file, Path::new("/h/.colima/_vmoat/locks/wt-feat.lock"));
-        assert_eq!(home.ssh_private_key(), Path::new("/h/.colima/_lima/_config/user"));
+        assert_eq!(
+            p.lock_file,
+            Path::new("/h/.colima/_vmoat/locks/wt-feat.lock")
+        );
+        assert_eq!(
+            home.ssh_private_key(),
+            Path::new("/h/.colima/_lima/_config/user")
+        );
+    }
+
+    #[test]
+    fn default_profile_is_colimas() {
+        let home = ColimaHome::at("/h");
+        for name in ["", "default", "colima"] {
+            let p = home.profile(name);
+            assert_eq!((p.name.as_str(), p.id.as_str()), ("default", "colima"));
+            assert_eq!(p.profile_dir, Path::new("/h/default"));
+            assert_eq!(p.instance_dir, Path::new("/h/_lima/colima"));
+        }
+        assert_eq!(home.profile_of_instance("colima-x").unwrap().name, "x");
+        assert_eq!(home.profile_of_instance("colima").unwrap().name, "default");
+        assert!(home.profile_of_instance("colima-").is_none());
+        assert!(home.profile_of_instance("default").is_none());
+        assert!(home.profile_of_instance("_config").is_none());
+    }
+
+    fn home_with(vars: &[(&str, &str)], existing: &[&str]) -> Option<ColimaHome> {
+        let env = |key: &str| {
+            let found = vars.iter().find(|(k, _)| *k == key);
+            found.map(|(_, v)| OsString::from(v))
+        };
+        ColimaHome::resolve(&env, &|path| existing.iter().any(|e| path == Path::new(e)))
+    }
+
+    #[test]
+    fn home_is_chosen_as_colima_chooses_it() {
+        let root = |h: Option<ColimaHome>| h.unwrap().root().to_path_buf();
+
+        let explicit = home_with(&[("COLIMA_HOME", "/c"), ("HOME", "/u")], &[]);
+        assert_eq!(root(explicit.clone()), Path::new("/c"));
+        assert_eq!(explicit.unwrap().lima_home(), Path::new("/c/_lima"));
+
+        assert_eq!(
+            root(home_with(&[("HOME", "/u")], &[])),
+            Path::new("/u/.colima")
+        );
+        let both = ["/u/.colima", "/u/.config/colima"];
+        assert_eq!(
+            root(home_with(&[("HOME", "/u")], &both)),
+            Path::new("/u/.colima")
+        );
+        let xdg_in_use = ["/u/.config/colima"];
+        let found = home_with(&[("HOME", "/u")], &xdg_in_use);
+        assert_eq!(root(found), Path::new("/u/.config/colima"));
+        let xdg_set = home_with(&[("HOME", "/u"), ("XDG_CONFIG_HOME", "/x")], &[]);
+        assert_eq!(root(xdg_set), Path::new("/x/colima"));
+
+        let lima = home_with(&[("HOME", "/u"), ("LIMA_HOME", "/l")], &[]);
+        assert_eq!(lima.unwrap().lima_home(), Path::new("/l"));
+        assert!(home_with(&[("HOME", "")], &[]).is_none());
     }
 
     #[test]
