@@ -399,9 +399,10 @@ mod tests {
         let sock = socket("info");
         let agent = FakeAgent::serve(
             &sock,
-            Some(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 21\r\n\r\n{\"sshLocalPort\":2222}",
-            ),
+            Some(concat!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n",
+                "Content-Length: 21\r\n\r\n{\"sshLocalPort\":2222}",
+            )),
         );
 
         assert_eq!(agent_info(&sock).unwrap().ssh_local_port, 2222);
@@ -420,9 +421,10 @@ mod tests {
         let sock = socket("chunked");
         let _agent = FakeAgent::serve(
             &sock,
-            Some(
-                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"ssh\r\na;x=y\r\nLocalPort\"\r\n4\r\n:22}\r\n0\r\n\r\n",
-            ),
+            Some(concat!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "5\r\n{\"ssh\r\na;x=y\r\nLocalPort\"\r\n4\r\n:22}\r\n0\r\n\r\n",
+            )),
         );
         assert_eq!(agent_info(&sock).unwrap().ssh_local_port, 22);
 
