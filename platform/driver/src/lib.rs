@@ -10,10 +10,11 @@
 //! blocking task.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 /// A guest CPU architecture, spelled as Lima and Colima spell it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -166,10 +167,64 @@ pub struct Mount {
     pub host_path: PathBuf,
     /// Where the guest mounts it; vmoat always uses the host path.
     pub guest_path: PathBuf,
-    /// The virtio tag, `lima-` + 8 hex digits as Lima derives it.
+    /// The virtio tag, `lima-` + 16 hex digits as Lima derives it ([`lima_mount_tag`]).
     pub tag: String,
     /// Whether the guest may write.
     pub writable: bool,
+}
+
+/// Lima's virtio tag for a mount: `lima-` + the first 8 bytes of
+/// SHA-256(`location:mountPoint`) in hex (Lima's `limayaml.MountTag`).
+///
+/// Hashing both paths keeps the tag stable across boots and distinct when one location is
+/// mounted at two places. The result is 21 bytes, well under virtio-9p's 31-byte tag limit.
+pub fn lima_mount_tag(location: &Path, mount_point: &Path) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(location.as_os_str().as_encoded_bytes());
+    hasher.update(b":");
+    hasher.update(mount_point.as_os_str().as_encoded_bytes());
+    let digest = hasher.finalize();
+    format!("lima-{}", hex(&digest[..8]))
+}
+
+/// Lima's MAC address for an instance's NIC: `52:55:55:` + the first 3 bytes of
+/// SHA-256(machine id + instance dir) (Lima's `limayaml.MACAddress`).
+///
+/// The `52` prefix is a locally administered unicast address; the hash keeps the MAC stable
+/// for one instance on one host, so the guest's DHCP lease and interface name do not change.
+pub fn lima_mac(machine_id: &str, instance_dir: &Path) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(machine_id.as_bytes());
+    hasher.update(instance_dir.as_os_str().as_encoded_bytes());
+    let digest = hasher.finalize();
+    format!(
+        "52:55:55:{:02x}:{:02x}:{:02x}",
+        digest[0], digest[1], digest[2]
+    )
+}
+
+/// The host's machine id as Lima reads it on Linux: `/etc/machine-id`, else
+/// `/var/lib/dbus/machine-id`, else the hostname. (On macOS Lima uses the
+/// `IOPlatformUUID`; that lookup belongs to the vz platform.)
+pub fn host_machine_id() -> String {
+    for file in ["/etc/machine-id", "/var/lib/dbus/machine-id"] {
+        if let Ok(id) = std::fs::read_to_string(file)
+            && !id.trim().is_empty()
+        {
+            return id.trim().to_owned();
+        }
+    }
+
+    // Linux exposes the hostname here; elsewhere fall back to the environment.
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// How the guest kernel is started.
@@ -277,7 +332,9 @@ impl HostCheck {
 
     /// The blocking findings, for an error message.
     pub fn errors(&self) -> impl Iterator<Item = &Finding> {
-        self.findings.iter().filter(|f| f.severity == Severity::Error)
+        self.findings
+            .iter()
+            .filter(|f| f.severity == Severity::Error)
     }
 }
 
@@ -370,6 +427,23 @@ pub enum DriverError {
         request: String,
         /// What went wrong.
         detail: String,
+    },
+    /// The requested disk is smaller than the image it is made from.
+    #[error(
+        "disk size {requested_bytes} bytes for {} is smaller than its base image {} \
+         ({base_bytes} bytes); raise VM_DISK",
+        .disk.display(),
+        .base.display()
+    )]
+    DiskTooSmall {
+        /// The disk that was to be created.
+        disk: PathBuf,
+        /// The base image.
+        base: PathBuf,
+        /// The base image's virtual size.
+        base_bytes: u64,
+        /// The size asked for.
+        requested_bytes: u64,
     },
     /// A helper tool (qemu-img, virtiofsd) failed.
     #[error("`{tool}` failed: {detail}")]
@@ -483,6 +557,51 @@ mod tests {
             info.to_string(),
             "exited with status 1: could not set up host forwarding rule"
         );
+    }
+
+    #[test]
+    fn mount_tag_matches_lima() {
+        // Lima: fmt.Sprintf("lima-%x", sha256.Sum256([]byte("/Users/u:/Users/u"))[0:8]);
+        // computed independently with `printf %s /Users/u:/Users/u | sha256sum`.
+        let tag = lima_mount_tag(Path::new("/Users/u"), Path::new("/Users/u"));
+        assert_eq!(tag.len(), "lima-".len() + 16);
+        assert_eq!(
+            tag,
+            format!("lima-{}", &sha256_hex(b"/Users/u:/Users/u")[..16])
+        );
+        assert_ne!(
+            tag,
+            lima_mount_tag(Path::new("/Users/u"), Path::new("/mnt/u"))
+        );
+    }
+
+    #[test]
+    fn mac_matches_lima() {
+        let mac = lima_mac("abc", Path::new("/h/.colima/_lima/colima-x"));
+        let digest = sha256_hex(b"abc/h/.colima/_lima/colima-x");
+        let expect = format!(
+            "52:55:55:{}:{}:{}",
+            &digest[0..2],
+            &digest[2..4],
+            &digest[4..6]
+        );
+        assert_eq!(mac, expect);
+    }
+
+    /// An independent hex SHA-256, from coreutils, so the tests do not check the code
+    /// against itself.
+    fn sha256_hex(data: &[u8]) -> String {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+
+        let mut child = Command::new("sha256sum")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("sha256sum runs");
+        child.stdin.take().unwrap().write_all(data).unwrap();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8(out.stdout).unwrap()[..64].to_owned()
     }
 
     #[test]
