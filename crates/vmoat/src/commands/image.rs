@@ -135,7 +135,7 @@ fn list(ctx: &Context, cache: &ImageCache) -> CmdResult {
     let mut widths = [0usize; 6];
     for row in std::iter::once(&header).chain(&rows) {
         for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
+            *w = (*w).max(cell.chars().count());
         }
     }
     for row in std::iter::once(&header).chain(&rows) {
