@@ -1,0 +1,126 @@
+//! Shared fixtures for the tests that run a real qemu: a temporary instance directory with a
+//! disk and a seed, a spec, and a guard that kills every qemu a test started, by pid, even
+//! when the test fails.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use vmoat_driver::{Arch, Boot, DiskRequest, Driver, MountType, Network, RunningVm, VmSpec};
+use vmoat_qemu::QemuDriver;
+
+/// Kills the processes it holds on drop (SIGKILL by pid, only if they still run).
+#[derive(Default)]
+pub struct Reaper {
+    pids: Vec<u32>,
+}
+
+impl Reaper {
+    pub fn watch(&mut self, pid: u32) {
+        self.pids.push(pid);
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in &self.pids {
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe {
+                libc::kill(*pid as i32, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// A VM under test: its directory, spec and the VM handle once started.
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub spec: VmSpec,
+}
+
+/// A free 127.0.0.1 port (bound, then released: good enough for a test).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An instance directory with a 64 MiB raw base, a qcow2 overlay made by the driver, a dummy
+/// seed, and a spec that boots UEFI firmware with nothing to boot: qemu runs and answers QMP,
+/// which is all these tests need.
+pub fn firmware_fixture(driver: &QemuDriver) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![0u8; 64 << 20]).unwrap();
+    let instance_dir = dir.path().join("colima-test");
+    std::fs::create_dir(&instance_dir).unwrap();
+
+    let disk = instance_dir.join("diffdisk");
+    driver
+        .create_disk(&DiskRequest {
+            base: base.clone(),
+            disk: disk.clone(),
+            size_bytes: 128 << 20,
+        })
+        .unwrap();
+    let cidata = instance_dir.join("cidata.iso");
+    std::fs::write(&cidata, vec![0u8; 2048]).unwrap();
+
+    let spec = VmSpec {
+        instance: "colima-test".into(),
+        instance_dir: instance_dir.clone(),
+        arch: Arch::host(),
+        cpus: 1,
+        memory_mib: 256,
+        disk,
+        cidata,
+        boot: Boot::Firmware {
+            code: None,
+            vars: instance_dir.join("qemu-efi-vars.fd"),
+        },
+        mounts: Vec::new(),
+        mount_type: MountType::NineP,
+        network: Network {
+            restricted: true,
+            ssh_host_port: free_port(),
+            mac: "52:55:55:00:00:01".into(),
+        },
+        serial_log: instance_dir.join("serial.log"),
+    };
+    Fixture { dir, spec }
+}
+
+/// Starts the VM and registers it with the reaper.
+pub fn start(
+    driver: &QemuDriver,
+    spec: &VmSpec,
+    reaper: &mut Reaper,
+) -> Result<vmoat_qemu::QemuVm, vmoat_driver::DriverError> {
+    let vm = driver.start(spec)?;
+    reaper.watch(vm.pid().unwrap());
+    Ok(vm)
+}
+
+/// `qemu-img info` as JSON, for checks independent of the driver's own reading.
+pub fn image_info(path: &Path) -> serde_json::Value {
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The directory of this file's golden data and fixtures.
+pub fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
