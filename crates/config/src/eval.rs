@@ -20,7 +20,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use crate::error::ConfigError;
 use crate::host::HostFacts;
@@ -277,30 +278,51 @@ fn run_bash(
         .spawn()
         .map_err(RunError::Spawn)?;
 
-    // Polling rather than a waiting thread: until try_wait reaps bash, its pid (which is also
-    // the group id) cannot be reused, so the kill below can only reach what we started.
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_micros(500);
-    loop {
-        if let Some(status) = child.try_wait().map_err(RunError::Wait)? {
-            return Ok(status);
+    // A thread waits for bash to exit without reaping it; only this thread reaps. So when the
+    // time is up, bash's pid (also its process group id) is still ours and the kill can only
+    // reach what we started.
+    let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
+    let (exited, exit_seen) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = exited.send(wait_without_reaping(pid));
+    });
+
+    let timed_out = matches!(
+        exit_seen.recv_timeout(timeout),
+        Err(mpsc::RecvTimeoutError::Timeout)
+    );
+    if timed_out {
+        let group = nix::unistd::Pid::from_raw(pid);
+        if let Err(err) = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL) {
+            tracing::warn!(pid, %err, "cannot kill the config's process group");
         }
-        if Instant::now() >= deadline {
-            break;
-        }
-        std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
-        pause = (pause * 2).min(Duration::from_millis(20));
     }
 
-    let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
-    if let Err(err) = nix::sys::signal::killpg(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    ) {
-        tracing::warn!(pid, %err, "cannot kill the config's process group");
+    let status = child.wait().map_err(RunError::Wait)?;
+    if timed_out {
+        return Err(RunError::TimedOut);
     }
-    let _ = child.wait();
-    Err(RunError::TimedOut)
+    Ok(status)
+}
+
+/// Blocks until the child `pid` has exited, leaving it to be reaped (`WNOWAIT`).
+fn wait_without_reaping(pid: i32) -> io::Result<()> {
+    let id = libc::id_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    loop {
+        // SAFETY: `info` is a zeroed siginfo_t, valid for waitid to write; P_PID with our own
+        // child's pid and WNOWAIT only observes its state and changes nothing.
+        let rc = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(libc::P_PID, id, &mut info, libc::WEXITED | libc::WNOWAIT)
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
 }
 
 /// The driver script, for `count` files passed after the output path.
