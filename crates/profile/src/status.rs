@@ -291,10 +291,10 @@ pub fn find_stale(paths: &ProfilePaths) -> Vec<StaleFile> {
         PidState::None => Some("no host agent runs (no ha.pid)".to_owned()),
     };
     if let Some(reason) = &agent_gone {
-        add(paths.ha_pid(), &reason);
-        add(paths.agent_identity(), &reason);
-        add(paths.ha_sock(), &reason);
-        add(paths.docker_sock(), &reason);
+        add(paths.ha_pid(), reason);
+        add(paths.agent_identity(), reason);
+        add(paths.ha_sock(), reason);
+        add(paths.docker_sock(), reason);
     }
 
     let (pid_file, driver) = driver_state(paths);
