@@ -401,52 +401,59 @@ enum Record {
 /// Splits the driver's output into records. A truncated last record (bash killed while
 /// writing) ends the list; anything else malformed is an error.
 fn parse_records(bytes: &[u8]) -> Result<Vec<Record>, String> {
-    let mut fields = bytes.split(|b| *b == 0);
+    let mut fields = bytes.split(|b| *b == 0).peekable();
     let mut records = Vec::new();
-    let text = |f: &[u8]| String::from_utf8_lossy(f).into_owned();
-
-    while let Some(tag) = fields.next() {
-        let mut next = || fields.next().ok_or_else(|| "truncated record".to_owned());
-        let record = match tag {
-            b"" => break,
-            b"B" => Record::Begin(number(next()?)?),
-            b"D" => Record::Done,
-            b"F" => Record::Failed(
-                number(next()?)?,
-                number(next()?)?,
-                PathBuf::from(std::ffi::OsStr::from_bytes(next()?)),
-            ),
-            b"S" => {
-                let label = text(next()?);
-                if next()? != b"N" {
-                    return Err("snapshot without names".into());
-                }
-                let names = next()?
-                    .split(|b| *b == b'\n')
-                    .filter(|n| !n.is_empty())
-                    .map(text)
-                    .collect();
-                let mut values = BTreeMap::new();
-                for spec in KEYS {
-                    if next()? != b"K" || next()? != spec.name.as_bytes() {
-                        return Err(format!("snapshot without {}", spec.name));
-                    }
-                    let declared = next()?;
-                    let count: usize = number(next()?)?;
-                    let items = (0..count)
-                        .map(|_| next().map(<[u8]>::to_vec))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    if let Some(raw) = raw_value(declared, items) {
-                        values.insert(spec.name, raw);
-                    }
-                }
-                Record::Snapshot(label, Snapshot { names, values })
-            }
-            other => return Err(format!("unknown record {:?}", text(other))),
-        };
-        records.push(record);
+    while fields.peek().is_some_and(|tag| !tag.is_empty()) {
+        match parse_record(&mut fields) {
+            Ok(record) => records.push(record),
+            Err(_) if fields.peek().is_none() => break,
+            Err(err) => return Err(err),
+        }
     }
     Ok(records)
+}
+
+/// Parses the record starting at the next field.
+fn parse_record<'a>(fields: &mut impl Iterator<Item = &'a [u8]>) -> Result<Record, String> {
+    let text = |f: &[u8]| String::from_utf8_lossy(f).into_owned();
+    let mut next = || fields.next().ok_or_else(|| "truncated record".to_owned());
+    let record = match next()? {
+        b"B" => Record::Begin(number(next()?)?),
+        b"D" => Record::Done,
+        b"F" => Record::Failed(
+            number(next()?)?,
+            number(next()?)?,
+            PathBuf::from(std::ffi::OsStr::from_bytes(next()?)),
+        ),
+        b"S" => {
+            let label = text(next()?);
+            if next()? != b"N" {
+                return Err("snapshot without names".into());
+            }
+            let names = next()?
+                .split(|b| *b == b'\n')
+                .filter(|n| !n.is_empty())
+                .map(text)
+                .collect();
+            let mut values = BTreeMap::new();
+            for spec in KEYS {
+                if next()? != b"K" || next()? != spec.name.as_bytes() {
+                    return Err(format!("snapshot without {}", spec.name));
+                }
+                let declared = next()?;
+                let count: usize = number(next()?)?;
+                let items = (0..count)
+                    .map(|_| next().map(<[u8]>::to_vec))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if let Some(raw) = raw_value(declared, items) {
+                    values.insert(spec.name, raw);
+                }
+            }
+            Record::Snapshot(label, Snapshot { names, values })
+        }
+        other => return Err(format!("unknown record {:?}", text(other))),
+    };
+    Ok(record)
 }
 
 fn number<T: std::str::FromStr>(field: &[u8]) -> Result<T, String> {
@@ -648,10 +655,9 @@ mod tests {
             parse_records(b"B\x000\x00D\x00").unwrap(),
             [Record::Begin(0), Record::Done]
         );
-        assert_eq!(
-            parse_records(b"B\x000\x00F\x001").unwrap_err(),
-            "truncated record"
-        );
+        let truncated = parse_records(b"B\x000\x00F\x001").unwrap();
+        assert_eq!(truncated, [Record::Begin(0)]);
+        assert!(parse_records(b"B\x00x\x00D\x00").is_err());
         assert!(parse_records(b"Q\x00").is_err());
         assert_eq!(parse_records(b"").unwrap(), []);
     }
