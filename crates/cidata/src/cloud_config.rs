@@ -25,8 +25,9 @@ struct CloudConfig {
     users: Vec<UserEntry>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     bootcmd: Vec<Vec<String>>,
+    /// No `ssh_pwauth`: cloud-init would edit sshd_config and restart sshd in the middle of
+    /// the boot, resetting the agent's first connections. The drop-in turns passwords off.
     write_files: Vec<WriteFile>,
-    ssh_pwauth: bool,
     ssh_deletekeys: bool,
     /// Never empty: cloud-init's schema rejects `[]`; the given key already exists, so
     /// nothing is generated.
@@ -107,7 +108,6 @@ pub(crate) fn user_data(seed: &Seed) -> Result<String, CidataError> {
         users,
         bootcmd,
         write_files: write_files(seed, &login),
-        ssh_pwauth: false,
         ssh_deletekeys: true,
         ssh_genkeytypes: vec![key_type.to_owned()],
         ssh_keys,

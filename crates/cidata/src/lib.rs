@@ -36,8 +36,8 @@ pub const VOLUME_LABEL: &str = "cidata";
 /// Where sshd finds the login keys in the guest, one file per user (see the crate docs).
 pub const GUEST_AUTHORIZED_KEYS_DIR: &str = "/etc/ssh/vmoat_authorized_keys";
 
-/// The sshd drop-in the seed writes in the guest.
-pub const GUEST_SSHD_DROP_IN: &str = "/etc/ssh/sshd_config.d/50-vmoat.conf";
+/// The sshd drop-in the seed writes in the guest (after the image's own `50-vmoat.conf`).
+pub const GUEST_SSHD_DROP_IN: &str = "/etc/ssh/sshd_config.d/60-vmoat-seed.conf";
 
 /// Everything the guest learns from its seed.
 #[derive(Clone, Debug, PartialEq, Eq)]

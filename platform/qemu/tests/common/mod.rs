@@ -107,17 +107,25 @@ pub fn start(
 
 /// `qemu-img info` as JSON, for checks independent of the driver's own reading.
 pub fn image_info(path: &Path) -> serde_json::Value {
-    let out = Command::new("qemu-img")
-        .args(["info", "-U", "--output=json"])
-        .arg(path)
+    let out = run_ok(
+        Command::new("qemu-img")
+            .args(["info", "-U", "--output=json"])
+            .arg(path),
+    );
+    serde_json::from_slice(&out).unwrap()
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn run_ok(command: &mut Command) -> Vec<u8> {
+    let out = command
         .output()
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
     assert!(
         out.status.success(),
-        "{}",
+        "{command:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    out.stdout
 }
 
 /// The directory of this file's golden data and fixtures.
