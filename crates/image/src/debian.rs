@@ -306,7 +306,7 @@ pub async fn ensure(
     progress: &Progress,
 ) -> Result<Manifest, ImageError> {
     let name = image_name(arch);
-    let _lock = store.lock(&name).await?;
+    let _lock = store.lock_noting(&name, progress).await?;
 
     if !options.force {
         let checker = store.clone();

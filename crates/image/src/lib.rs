@@ -155,7 +155,7 @@ impl ImageCache {
     ) -> Result<ResolvedImage, ImageError> {
         let entry = catalog.colima(arch)?;
         let name = colima_image_name(arch, &entry.url);
-        let _lock = self.store.lock(&name).await?;
+        let _lock = self.store.lock_noting(&name, progress).await?;
 
         match self.check(&name).await? {
             Health::Valid(manifest)

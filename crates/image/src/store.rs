@@ -204,6 +204,29 @@ impl Store {
         .expect("lock task does not panic")
     }
 
+    /// Like [`Store::lock`], but says on `progress` when another process holds the lock
+    /// (building or fetching the same image), so a wait of minutes is never silent.
+    pub async fn lock_noting(
+        &self,
+        name: &str,
+        progress: &crate::progress::Progress,
+    ) -> Result<File, ImageError> {
+        if let Some(file) = self.try_lock(name)? {
+            return Ok(file);
+        }
+        progress.note(&format!(
+            "waiting for another vmoat that is making {name} (lock {})",
+            self.lock_file(name)?.display()
+        ));
+        self.lock(name).await
+    }
+
+    /// The Lima instances whose base disk, kernel or overlay backing file lies in image
+    /// `name` (see [`instance_links`]).
+    pub fn users(&self, name: &str, lima_home: &Path) -> Vec<String> {
+        users_of(&self.image_dir(name), &instance_links(lima_home))
+    }
+
     /// Takes the lock of image `name` if nobody holds it.
     fn try_lock(&self, name: &str) -> Result<Option<File>, ImageError> {
         let path = self.lock_file(name)?;

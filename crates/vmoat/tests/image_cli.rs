@@ -322,6 +322,12 @@ fn rm_and_prune_spare_images_that_vms_use() {
         );
     sandbox
         .vmoat()
+        .args(["image", "build", "colima", "--force"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("--force would replace"));
+    sandbox
+        .vmoat()
         .args(["image", "prune"])
         .assert()
         .success()

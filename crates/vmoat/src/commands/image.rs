@@ -63,6 +63,8 @@ async fn build(
     let arch = build_arch()?;
     let image = match args.name.as_str() {
         "debian" => {
+            let name = vmoat_image::debian::image_name(arch);
+            refuse_force_in_use(cache, &name, args.force)?;
             let options = BuildOptions {
                 force: args.force,
                 ..BuildOptions::default()
@@ -76,6 +78,7 @@ async fn build(
                     .colima(arch)
                     .map(|e| vmoat_image::colima_image_name(arch, &e.url))
                     .map_err(coded)?;
+                refuse_force_in_use(cache, &name, true)?;
                 let _lock = cache.store().lock(&name).await.map_err(coded)?;
                 cache.store().discard(&name).map_err(coded)?;
             }
@@ -96,6 +99,25 @@ async fn build(
         output::line(&image.name);
     }
     Ok(Exit::Ok)
+}
+
+/// `--force` replaces the image in place, under the feet of VMs whose base it is: refuse.
+fn refuse_force_in_use(cache: &ImageCache, name: &str, force: bool) -> CmdResult<()> {
+    let Some(lima_home) = lima_home().filter(|_| force) else {
+        return Ok(());
+    };
+    let users = cache.store().users(name, &lima_home);
+    if users.is_empty() {
+        return Ok(());
+    }
+    Err(CodedError::msg(
+        Exit::Failed,
+        format!(
+            "--force would replace {name}, the base of VM(s) {}; destroy them first, or \
+             build without --force",
+            users.join(", ")
+        ),
+    ))
 }
 
 fn list(ctx: &Context, cache: &ImageCache) -> CmdResult {
