@@ -38,7 +38,7 @@ use vmoat_qemu::{QemuDriver, QemuVm, log_tail};
 static ONE_BOOT: Mutex<()> = Mutex::new(());
 
 /// How long a boot may take to reach sshd under TCG on a busy two-core host.
-const SSH_TIMEOUT: Duration = Duration::from_secs(300);
+const SSH_TIMEOUT: Duration = Duration::from_secs(420);
 
 /// The uid and gid of the guest user in user mode when the tests run as root: not root's, so
 /// the owner seen on the host really comes from the guest. As another user, the guest user
@@ -179,7 +179,14 @@ fn keygen(path: &Path, comment: &str) -> (String, String) {
 }
 
 /// Makes the disk, the seed and the spec, and starts the VM.
-fn boot(mount_type: MountType, user: GuestUser, cmdline: Option<&str>) -> Booted {
+/// Boots the image. `root_home` also shares a host directory at the guest's `/root` (what
+/// root mode with the default `VM_MOUNT=$HOME` does when vmoat runs as root).
+fn boot(
+    mount_type: MountType,
+    user: GuestUser,
+    cmdline: Option<&str>,
+    root_home: Option<&Path>,
+) -> Booted {
     let image = image();
     let dir = tempfile::Builder::new()
         .prefix("vmoat-boot-")
@@ -209,12 +216,21 @@ fn boot(mount_type: MountType, user: GuestUser, cmdline: Option<&str>) -> Booted
     let (host_private, host_public) = keygen(&dir.path().join("host_key"), "vmoat-host");
     let known_hosts = dir.path().join("known_hosts");
 
-    let mount = Mount {
+    let mut mounts = vec![Mount {
         host_path: share.clone(),
         guest_path: share.clone(),
         tag: lima_mount_tag(&share, &share),
         writable: true,
-    };
+    }];
+    if let Some(host) = root_home {
+        let guest = Path::new("/root");
+        mounts.push(Mount {
+            host_path: host.to_owned(),
+            guest_path: guest.to_owned(),
+            tag: lima_mount_tag(host, guest),
+            writable: true,
+        });
+    }
     let login = match &user {
         GuestUser::Root => "root".to_owned(),
         GuestUser::User(u) => u.name.clone(),
@@ -228,7 +244,10 @@ fn boot(mount_type: MountType, user: GuestUser, cmdline: Option<&str>) -> Booted
             private_openssh: host_private,
             public_openssh: host_public,
         },
-        mounts: vec![SeedMount::from_driver(&mount, mount_type)],
+        mounts: mounts
+            .iter()
+            .map(|m| SeedMount::from_driver(m, mount_type))
+            .collect(),
         grow_root: true,
     };
     let cidata = instance_dir.join("cidata.iso");
@@ -247,7 +266,7 @@ fn boot(mount_type: MountType, user: GuestUser, cmdline: Option<&str>) -> Booted
             initrd: Some(image.initrd.clone()),
             cmdline: cmdline.unwrap_or(&image.cmdline).to_owned(),
         },
-        mounts: vec![mount],
+        mounts,
         mount_type,
         network: Network {
             restricted: true,
@@ -457,7 +476,7 @@ fn check_guest(b: &Booted, fstype: &str, uid: u32) {
 #[ignore = "boots a VM (1-3 minutes under TCG); cargo test -p vmoat-qemu --test boot -- --ignored"]
 fn debian_boots_with_the_seed_over_9p() {
     let _one = ONE_BOOT.lock().unwrap_or_else(|e| e.into_inner());
-    let mut b = boot(MountType::NineP, test_user(), None);
+    let mut b = boot(MountType::NineP, test_user(), None, None);
 
     let sshd = b
         .wait_for_sshd(SSH_TIMEOUT)
@@ -496,7 +515,23 @@ fn debian_boots_as_root_over_virtiofs() {
         QemuDriver::from_env().virtiofsd().is_some(),
         "virtiofsd is not installed (cargo install --locked virtiofsd)"
     );
-    let mut b = boot(MountType::Virtiofs, GuestUser::Root, None);
+    // The host's root home, shared at /root, with a key of its own: the guest's login key must
+    // not end up in it (it would let the Lima key log in to the host).
+    let root_home = tempfile::Builder::new()
+        .prefix("vmoat-roothome-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let host_keys = root_home.path().join(".ssh/authorized_keys");
+    std::fs::create_dir_all(host_keys.parent().unwrap()).unwrap();
+    let own_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIhostsownkey host-root\n";
+    std::fs::write(&host_keys, own_key).unwrap();
+
+    let mut b = boot(
+        MountType::Virtiofs,
+        GuestUser::Root,
+        None,
+        Some(root_home.path()),
+    );
 
     let sshd = b
         .wait_for_sshd(SSH_TIMEOUT)
@@ -508,6 +543,14 @@ fn debian_boots_as_root_over_virtiofs() {
     check_guest(&b, "virtiofs", 0);
     // Root mode makes no user: not the image's default one either.
     assert_eq!(b.ok("getent passwd 1000 || echo none"), "none");
+
+    // Root logged in although /root is the host's directory, and the host's keys are as
+    // they were.
+    assert_eq!(b.ok("findmnt -n -o FSTYPE --target /root"), "virtiofs");
+    assert_eq!(
+        std::fs::read_to_string(&host_keys).unwrap().trim(),
+        own_key.trim()
+    );
 
     let virtiofsd_pid = b.spec.instance_dir.join("virtiofsd-0.pid");
     assert!(virtiofsd_pid.exists());
@@ -524,7 +567,7 @@ fn debian_boots_as_root_over_virtiofs() {
 fn a_boot_that_cannot_finish_times_out_with_the_serial_tail() {
     let _one = ONE_BOOT.lock().unwrap_or_else(|e| e.into_inner());
     let cmdline = "root=LABEL=no-such-root rw console=ttyS0 rootdelay=5";
-    let mut b = boot(MountType::NineP, test_user(), Some(cmdline));
+    let mut b = boot(MountType::NineP, test_user(), Some(cmdline), None);
 
     let err = b
         .wait_for_sshd(Duration::from_secs(60))

@@ -335,3 +335,30 @@ fn create_disk_makes_an_overlay_and_never_touches_the_base() {
     names.sort();
     assert_eq!(names, ["base.qcow2", "diffdisk"]);
 }
+
+#[test]
+#[ignore = "needs qemu-system-aarch64 and AAVMF: apt-get install qemu-system-arm qemu-efi-aarch64"]
+fn aarch64_virt_starts_its_firmware_under_tcg() {
+    let driver = QemuDriver::from_env();
+    let mut fx = common::firmware_fixture_for(&driver, vmoat_driver::Arch::Aarch64);
+    let share = fx.dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    fx.spec.mounts = vec![vmoat_driver::Mount {
+        host_path: share.clone(),
+        guest_path: share.clone(),
+        tag: vmoat_driver::lima_mount_tag(&share, &share),
+        writable: true,
+    }];
+    let mut reaper = Reaper::default();
+
+    let mut vm = start(&driver, &fx.spec, &mut reaper).unwrap();
+    assert_eq!(vm.qmp().unwrap().query_status().unwrap().status, "running");
+
+    // AAVMF writes to the PL011 console, which is the serial log.
+    let wrote = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        std::fs::metadata(&fx.spec.serial_log).is_ok_and(|m| m.len() > 0)
+    });
+    assert!(wrote, "no firmware output on the serial log");
+    vm.force_stop().unwrap();
+}

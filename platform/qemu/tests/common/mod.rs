@@ -53,6 +53,11 @@ pub fn free_port() -> u16 {
 /// seed, and a spec that boots UEFI firmware with nothing to boot: qemu runs and answers QMP,
 /// which is all these tests need.
 pub fn firmware_fixture(driver: &QemuDriver) -> Fixture {
+    firmware_fixture_for(driver, Arch::host())
+}
+
+/// [`firmware_fixture`] for a guest of `arch`.
+pub fn firmware_fixture_for(driver: &QemuDriver, arch: Arch) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.raw");
     std::fs::write(&base, vec![0u8; 64 << 20]).unwrap();
@@ -73,7 +78,7 @@ pub fn firmware_fixture(driver: &QemuDriver) -> Fixture {
     let spec = VmSpec {
         instance: "colima-test".into(),
         instance_dir: instance_dir.clone(),
-        arch: Arch::host(),
+        arch,
         cpus: 1,
         memory_mib: 256,
         disk,
