@@ -26,7 +26,7 @@ use std::process::{Command, Output};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{free_port, run_ok};
+use common::{free_port, kill_if_ours, run_ok};
 use vmoat_cidata::{GuestUser, HostKey, Seed, SeedMount, User, write_iso};
 use vmoat_driver::{
     Arch, Boot, DiskRequest, Driver, Mount, MountType, Network, RunningVm, VmSpec, VmState,
@@ -124,8 +124,8 @@ fn newest_cached_image() -> Option<PathBuf> {
     found.pop().map(|(_, p)| p)
 }
 
-/// Kills, on drop, the VM's qemu and any virtiofsd it left (by their pids), so a failing test
-/// leaves nothing running.
+/// Kills, on drop, the VM's qemu and any virtiofsd it left (by their pids, checked against the
+/// instance directory in their command lines), so a failing test leaves nothing running.
 struct VmGuard {
     instance_dir: PathBuf,
     pids: Vec<u32>,
@@ -145,11 +145,9 @@ impl Drop for VmGuard {
                 pids.extend(text.trim().parse::<u32>());
             }
         }
+        let marker = self.instance_dir.display().to_string();
         for pid in pids {
-            // SAFETY: kill(2) has no memory-safety preconditions.
-            unsafe {
-                libc::kill(pid as i32, libc::SIGKILL);
-            }
+            kill_if_ours(pid, &marker);
         }
     }
 }

@@ -34,7 +34,7 @@ fn qmp_talks_to_a_real_qemu() {
         .process_group(0)
         .spawn()
         .expect("qemu-system runs");
-    reaper.watch(child.id());
+    reaper.watch(child.id(), &sock);
     let mut child = child;
 
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -11,25 +11,38 @@ use std::process::Command;
 use vmoat_driver::{Arch, Boot, DiskRequest, Driver, MountType, Network, RunningVm, VmSpec};
 use vmoat_qemu::QemuDriver;
 
-/// Kills the processes it holds on drop (SIGKILL by pid, only if they still run).
+/// Kills the processes it holds on drop: SIGKILL by pid, and only while the pid's command
+/// line still holds the test's own marker (a temporary path), so a pid the kernel has given
+/// to another process since is left alone.
 #[derive(Default)]
 pub struct Reaper {
-    pids: Vec<u32>,
+    pids: Vec<(u32, String)>,
 }
 
 impl Reaper {
-    pub fn watch(&mut self, pid: u32) {
-        self.pids.push(pid);
+    /// Kills `pid` on drop if its command line still contains `marker`.
+    pub fn watch(&mut self, pid: u32, marker: &Path) {
+        self.pids.push((pid, marker.display().to_string()));
     }
 }
 
 impl Drop for Reaper {
     fn drop(&mut self) {
-        for pid in &self.pids {
-            // SAFETY: kill(2) has no memory-safety preconditions.
-            unsafe {
-                libc::kill(*pid as i32, libc::SIGKILL);
-            }
+        for (pid, marker) in &self.pids {
+            kill_if_ours(*pid, marker);
+        }
+    }
+}
+
+/// SIGKILL to `pid` if its command line contains `marker`.
+pub fn kill_if_ours(pid: u32, marker: &str) {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return;
+    };
+    if String::from_utf8_lossy(&cmdline).contains(marker) {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
         }
     }
 }
@@ -106,7 +119,7 @@ pub fn start(
     reaper: &mut Reaper,
 ) -> Result<vmoat_qemu::QemuVm, vmoat_driver::DriverError> {
     let vm = driver.start(spec)?;
-    reaper.watch(vm.pid().unwrap());
+    reaper.watch(vm.pid().unwrap(), &spec.instance_dir);
     Ok(vm)
 }
 
