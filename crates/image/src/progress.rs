@@ -58,7 +58,7 @@ impl Progress {
                 "{prefix} {wide_msg} {spinner} {bytes} {bytes_per_sec}"
             };
             bar.set_style(ProgressStyle::with_template(template).expect("valid template"));
-            bar.set_prefix(STAGE);
+            bar.set_prefix(format!("{STAGE}:"));
             bar.set_message(what.to_owned());
             bar.set_position(done);
             bar.enable_steady_tick(Duration::from_millis(200));
@@ -86,7 +86,7 @@ impl Progress {
             let style = ProgressStyle::with_template("{prefix} {spinner} {wide_msg} {elapsed}")
                 .expect("valid template");
             bar.set_style(style);
-            bar.set_prefix(STAGE);
+            bar.set_prefix(format!("{STAGE}:"));
             bar.set_message(what.to_owned());
             bar.enable_steady_tick(Duration::from_millis(200));
             bar
