@@ -495,13 +495,20 @@ impl ProcessGroup {
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
-        if let Some(pgid) = self.0
-            && group_alive(pgid)
-        {
-            signal_group(pgid, libc::SIGTERM);
-            std::thread::sleep(Duration::from_secs(2));
-            signal_group(pgid, libc::SIGKILL);
+        // Reached when the build future is dropped (Ctrl-C, a caller's timeout): stop the
+        // build the same way, synchronously, before the staging directory is removed.
+        let Some(pgid) = self.0 else { return };
+        if !group_alive(pgid) {
+            return;
         }
+        signal_group(pgid, libc::SIGTERM);
+        for _ in 0..50 {
+            std::thread::sleep(Duration::from_millis(200));
+            if !group_alive(pgid) {
+                return;
+            }
+        }
+        signal_group(pgid, libc::SIGKILL);
     }
 }
 

@@ -34,7 +34,17 @@ pub fn run(ctx: &Context, cmd: ImageCommand) -> CmdResult {
     };
 
     match cmd {
-        ImageCommand::Build(args) => runtime.block_on(build(ctx, &cache, &args, &progress)),
+        ImageCommand::Build(args) => runtime.block_on(async {
+            // Ctrl-C drops the build, which stops mmdebstrap (it unmounts its chroot on TERM)
+            // and removes the half-made image before vmoat exits.
+            tokio::select! {
+                result = build(ctx, &cache, &args, &progress) => result,
+                _ = tokio::signal::ctrl_c() => Err(CodedError::msg(
+                    Exit::Failed,
+                    "interrupted; the unfinished image was removed",
+                )),
+            }
+        }),
         ImageCommand::List => list(ctx, &cache),
         ImageCommand::Rm(args) => runtime.block_on(remove(ctx, &cache, &args)),
         ImageCommand::Prune => prune(ctx, &cache),
