@@ -12,7 +12,9 @@ use std::time::Duration;
 use server::{Reply, Server, gz_disk, sha512_hex};
 use vmoat_driver::Arch;
 use vmoat_image::download::{FetchRequest, Fetcher, Outcome};
-use vmoat_image::{Catalog, DiskFormat, ImageCache, ImageError, Progress, lima_entry_dir};
+use vmoat_image::{
+    Catalog, DiskFormat, ImageCache, ImageError, Progress, ResolvedImage, lima_entry_dir,
+};
 
 /// A temp dir holding vmoat's cache and a Lima download cache.
 struct Dirs {
@@ -34,6 +36,13 @@ impl Dirs {
     fn image_cache(&self) -> ImageCache {
         ImageCache::new(&self.cache(), &self.lima())
     }
+}
+
+/// Ensures Colima's x86_64 image from `catalog` in the caches of `dirs`, quietly.
+async fn ensure(dirs: &Dirs, catalog: &Catalog) -> Result<ResolvedImage, ImageError> {
+    dirs.image_cache()
+        .ensure_colima(catalog, Arch::X86_64, &Progress::hidden())
+        .await
 }
 
 fn catalog(url: &str, sha512: &str) -> Catalog {
@@ -68,13 +77,7 @@ async fn a_good_image_lands_in_lima_layout_and_unpacked_in_vmoat_cache() {
     let url = server.url("/img.raw.gz");
     let dirs = Dirs::new();
 
-    let image = dirs
-        .image_cache()
-        .ensure_colima(
-            &catalog(&url, &sha512_hex(&gz)),
-            Arch::X86_64,
-            &Progress::hidden(),
-        )
+    let image = ensure(&dirs, &catalog(&url, &sha512_hex(&gz)))
         .await
         .unwrap();
 
@@ -99,13 +102,7 @@ async fn a_good_image_lands_in_lima_layout_and_unpacked_in_vmoat_cache() {
     assert!(!entry.join("data.part").exists());
 
     // A second ensure is a cache hit: no new request.
-    let again = dirs
-        .image_cache()
-        .ensure_colima(
-            &catalog(&url, &sha512_hex(&gz)),
-            Arch::X86_64,
-            &Progress::hidden(),
-        )
+    let again = ensure(&dirs, &catalog(&url, &sha512_hex(&gz)))
         .await
         .unwrap();
     assert_eq!(again, image);
@@ -121,11 +118,7 @@ async fn a_wrong_checksum_fails_and_leaves_nothing_trusted() {
     let dirs = Dirs::new();
     let wrong = sha512_hex(b"some other file");
 
-    let err = dirs
-        .image_cache()
-        .ensure_colima(&catalog(&url, &wrong), Arch::X86_64, &Progress::hidden())
-        .await
-        .unwrap_err();
+    let err = ensure(&dirs, &catalog(&url, &wrong)).await.unwrap_err();
     assert!(err.is_download_failure());
     assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err:?}");
     assert!(err.to_string().contains(&url), "{err}");
@@ -162,11 +155,7 @@ async fn a_transfer_cut_off_halfway_resumes_on_the_next_run() {
     let dirs = Dirs::new();
     let cat = catalog(&url, &sha512_hex(&gz));
 
-    let err = dirs
-        .image_cache()
-        .ensure_colima(&cat, Arch::X86_64, &Progress::hidden())
-        .await
-        .unwrap_err();
+    let err = ensure(&dirs, &cat).await.unwrap_err();
     assert!(matches!(err, ImageError::Interrupted { .. }), "{err:?}");
     assert!(err.is_download_failure());
     let entry = lima_entry_dir(&dirs.lima(), &url);
@@ -177,11 +166,7 @@ async fn a_transfer_cut_off_halfway_resumes_on_the_next_run() {
     assert!(!entry.join("sha512.digest").exists());
 
     // The server is back: the second run asks only for the rest.
-    let image = dirs
-        .image_cache()
-        .ensure_colima(&cat, Arch::X86_64, &Progress::hidden())
-        .await
-        .unwrap();
+    let image = ensure(&dirs, &cat).await.unwrap();
     assert_eq!(fs::read(&image.disk).unwrap(), raw);
     let gets = server.gets("/img.raw.gz");
     assert_eq!(gets.len(), 2, "{gets:?}");
@@ -206,13 +191,7 @@ async fn a_404_is_a_download_failure_naming_the_url() {
     let url = server.url("/missing.raw.gz");
     let dirs = Dirs::new();
 
-    let err = dirs
-        .image_cache()
-        .ensure_colima(
-            &catalog(&url, &sha512_hex(b"x")),
-            Arch::X86_64,
-            &Progress::hidden(),
-        )
+    let err = ensure(&dirs, &catalog(&url, &sha512_hex(b"x")))
         .await
         .unwrap_err();
     assert!(
@@ -242,13 +221,7 @@ async fn redirects_are_followed_and_cached_under_the_requested_url() {
     let url = server.url("/releases/img.raw.gz");
     let dirs = Dirs::new();
 
-    let image = dirs
-        .image_cache()
-        .ensure_colima(
-            &catalog(&url, &sha512_hex(&gz)),
-            Arch::X86_64,
-            &Progress::hidden(),
-        )
+    let image = ensure(&dirs, &catalog(&url, &sha512_hex(&gz)))
         .await
         .unwrap();
     assert_eq!(fs::read(&image.disk).unwrap(), raw);
@@ -309,11 +282,7 @@ async fn the_checksum_file_is_used_when_the_catalog_has_no_digest() {
     let url = server.url("/img.raw.gz");
     let dirs = Dirs::new();
 
-    let image = dirs
-        .image_cache()
-        .ensure_colima(&catalog(&url, "-"), Arch::X86_64, &Progress::hidden())
-        .await
-        .unwrap();
+    let image = ensure(&dirs, &catalog(&url, "-")).await.unwrap();
     assert_eq!(fs::read(&image.disk).unwrap(), raw);
 
     // A checksum file that holds garbage is refused.
@@ -322,13 +291,7 @@ async fn the_checksum_file_is_used_when_the_catalog_has_no_digest() {
         "/bad.raw.gz.sha512sum",
         Reply::File(b"<html>oops</html>".to_vec()),
     );
-    let err = dirs
-        .image_cache()
-        .ensure_colima(
-            &catalog(&server.url("/bad.raw.gz"), "-"),
-            Arch::X86_64,
-            &Progress::hidden(),
-        )
+    let err = ensure(&dirs, &catalog(&server.url("/bad.raw.gz"), "-"))
         .await
         .unwrap_err();
     assert!(matches!(err, ImageError::ChecksumFile { .. }), "{err:?}");
@@ -342,23 +305,14 @@ async fn corrupted_cache_files_are_caught_and_replaced_never_used() {
     let url = server.url("/img.raw.gz");
     let dirs = Dirs::new();
     let cat = catalog(&url, &sha512_hex(&gz));
-    let progress = Progress::hidden();
 
-    let image = dirs
-        .image_cache()
-        .ensure_colima(&cat, Arch::X86_64, &progress)
-        .await
-        .unwrap();
+    let image = ensure(&dirs, &cat).await.unwrap();
 
     // 1. The unpacked disk is damaged: rebuilt from Lima's verified copy, no new download.
     let mut bytes = fs::read(&image.disk).unwrap();
     bytes[100_000] ^= 0xff;
     fs::write(&image.disk, &bytes).unwrap();
-    let again = dirs
-        .image_cache()
-        .ensure_colima(&cat, Arch::X86_64, &progress)
-        .await
-        .unwrap();
+    let again = ensure(&dirs, &cat).await.unwrap();
     assert_eq!(fs::read(&again.disk).unwrap(), raw);
     assert_eq!(server.gets("/img.raw.gz").len(), 1);
 
@@ -367,11 +321,7 @@ async fn corrupted_cache_files_are_caught_and_replaced_never_used() {
     let data = lima_entry_dir(&dirs.lima(), &url).join("data");
     fs::write(&data, vec![0x42u8; gz.len()]).unwrap();
     fs::remove_dir_all(dirs.cache().join("images").join(&image.name)).unwrap();
-    let fresh = dirs
-        .image_cache()
-        .ensure_colima(&cat, Arch::X86_64, &progress)
-        .await
-        .unwrap();
+    let fresh = ensure(&dirs, &cat).await.unwrap();
     assert_eq!(fs::read(&fresh.disk).unwrap(), raw);
     assert_eq!(fs::read(&data).unwrap(), gz);
     assert_eq!(server.gets("/img.raw.gz").len(), 2);
@@ -388,13 +338,7 @@ async fn no_server_is_an_unreachable_error_suggesting_debian() {
     let url = format!("http://127.0.0.1:{port}/img.raw.gz");
     let dirs = Dirs::new();
 
-    let err = dirs
-        .image_cache()
-        .ensure_colima(
-            &catalog(&url, &sha512_hex(b"x")),
-            Arch::X86_64,
-            &Progress::hidden(),
-        )
+    let err = ensure(&dirs, &catalog(&url, &sha512_hex(b"x")))
         .await
         .unwrap_err();
     assert!(matches!(err, ImageError::Unreachable { .. }), "{err:?}");
