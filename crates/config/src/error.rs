@@ -89,7 +89,7 @@ pub enum ConfigError {
         /// What the file gave.
         found: &'static str,
         /// What to give instead.
-        expected: &'static str,
+        expected: String,
     },
 
     /// A value is not valid UTF-8 where text is needed.

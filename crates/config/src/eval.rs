@@ -20,7 +20,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use crate::error::ConfigError;
 use crate::host::HostFacts;
@@ -277,30 +278,51 @@ fn run_bash(
         .spawn()
         .map_err(RunError::Spawn)?;
 
-    // Polling rather than a waiting thread: until try_wait reaps bash, its pid (which is also
-    // the group id) cannot be reused, so the kill below can only reach what we started.
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_micros(500);
-    loop {
-        if let Some(status) = child.try_wait().map_err(RunError::Wait)? {
-            return Ok(status);
+    // A thread waits for bash to exit without reaping it; only this thread reaps. So when the
+    // time is up, bash's pid (also its process group id) is still ours and the kill can only
+    // reach what we started.
+    let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
+    let (exited, exit_seen) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = exited.send(wait_without_reaping(pid));
+    });
+
+    let timed_out = matches!(
+        exit_seen.recv_timeout(timeout),
+        Err(mpsc::RecvTimeoutError::Timeout)
+    );
+    if timed_out {
+        let group = nix::unistd::Pid::from_raw(pid);
+        if let Err(err) = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL) {
+            tracing::warn!(pid, %err, "cannot kill the config's process group");
         }
-        if Instant::now() >= deadline {
-            break;
-        }
-        std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
-        pause = (pause * 2).min(Duration::from_millis(20));
     }
 
-    let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
-    if let Err(err) = nix::sys::signal::killpg(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    ) {
-        tracing::warn!(pid, %err, "cannot kill the config's process group");
+    let status = child.wait().map_err(RunError::Wait)?;
+    if timed_out {
+        return Err(RunError::TimedOut);
     }
-    let _ = child.wait();
-    Err(RunError::TimedOut)
+    Ok(status)
+}
+
+/// Blocks until the child `pid` has exited, leaving it to be reaped (`WNOWAIT`).
+fn wait_without_reaping(pid: i32) -> io::Result<()> {
+    let id = libc::id_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    loop {
+        // SAFETY: `info` is a zeroed siginfo_t, valid for waitid to write; P_PID with our own
+        // child's pid and WNOWAIT only observes its state and changes nothing.
+        let rc = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(libc::P_PID, id, &mut info, libc::WEXITED | libc::WNOWAIT)
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
 }
 
 /// The driver script, for `count` files passed after the output path.
@@ -379,52 +401,59 @@ enum Record {
 /// Splits the driver's output into records. A truncated last record (bash killed while
 /// writing) ends the list; anything else malformed is an error.
 fn parse_records(bytes: &[u8]) -> Result<Vec<Record>, String> {
-    let mut fields = bytes.split(|b| *b == 0);
+    let mut fields = bytes.split(|b| *b == 0).peekable();
     let mut records = Vec::new();
-    let text = |f: &[u8]| String::from_utf8_lossy(f).into_owned();
-
-    while let Some(tag) = fields.next() {
-        let mut next = || fields.next().ok_or_else(|| "truncated record".to_owned());
-        let record = match tag {
-            b"" => break,
-            b"B" => Record::Begin(number(next()?)?),
-            b"D" => Record::Done,
-            b"F" => Record::Failed(
-                number(next()?)?,
-                number(next()?)?,
-                PathBuf::from(std::ffi::OsStr::from_bytes(next()?)),
-            ),
-            b"S" => {
-                let label = text(next()?);
-                if next()? != b"N" {
-                    return Err("snapshot without names".into());
-                }
-                let names = next()?
-                    .split(|b| *b == b'\n')
-                    .filter(|n| !n.is_empty())
-                    .map(text)
-                    .collect();
-                let mut values = BTreeMap::new();
-                for spec in KEYS {
-                    if next()? != b"K" || next()? != spec.name.as_bytes() {
-                        return Err(format!("snapshot without {}", spec.name));
-                    }
-                    let declared = next()?;
-                    let count: usize = number(next()?)?;
-                    let items = (0..count)
-                        .map(|_| next().map(<[u8]>::to_vec))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    if let Some(raw) = raw_value(declared, items) {
-                        values.insert(spec.name, raw);
-                    }
-                }
-                Record::Snapshot(label, Snapshot { names, values })
-            }
-            other => return Err(format!("unknown record {:?}", text(other))),
-        };
-        records.push(record);
+    while fields.peek().is_some_and(|tag| !tag.is_empty()) {
+        match parse_record(&mut fields) {
+            Ok(record) => records.push(record),
+            Err(_) if fields.peek().is_none() => break,
+            Err(err) => return Err(err),
+        }
     }
     Ok(records)
+}
+
+/// Parses the record starting at the next field.
+fn parse_record<'a>(fields: &mut impl Iterator<Item = &'a [u8]>) -> Result<Record, String> {
+    let text = |f: &[u8]| String::from_utf8_lossy(f).into_owned();
+    let mut next = || fields.next().ok_or_else(|| "truncated record".to_owned());
+    let record = match next()? {
+        b"B" => Record::Begin(number(next()?)?),
+        b"D" => Record::Done,
+        b"F" => Record::Failed(
+            number(next()?)?,
+            number(next()?)?,
+            PathBuf::from(std::ffi::OsStr::from_bytes(next()?)),
+        ),
+        b"S" => {
+            let label = text(next()?);
+            if next()? != b"N" {
+                return Err("snapshot without names".into());
+            }
+            let names = next()?
+                .split(|b| *b == b'\n')
+                .filter(|n| !n.is_empty())
+                .map(text)
+                .collect();
+            let mut values = BTreeMap::new();
+            for spec in KEYS {
+                if next()? != b"K" || next()? != spec.name.as_bytes() {
+                    return Err(format!("snapshot without {}", spec.name));
+                }
+                let declared = next()?;
+                let count: usize = number(next()?)?;
+                let items = (0..count)
+                    .map(|_| next().map(<[u8]>::to_vec))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if let Some(raw) = raw_value(declared, items) {
+                    values.insert(spec.name, raw);
+                }
+            }
+            Record::Snapshot(label, Snapshot { names, values })
+        }
+        other => return Err(format!("unknown record {:?}", text(other))),
+    };
+    Ok(record)
 }
 
 fn number<T: std::str::FromStr>(field: &[u8]) -> Result<T, String> {
@@ -626,10 +655,9 @@ mod tests {
             parse_records(b"B\x000\x00D\x00").unwrap(),
             [Record::Begin(0), Record::Done]
         );
-        assert_eq!(
-            parse_records(b"B\x000\x00F\x001").unwrap_err(),
-            "truncated record"
-        );
+        let truncated = parse_records(b"B\x000\x00F\x001").unwrap();
+        assert_eq!(truncated, [Record::Begin(0)]);
+        assert!(parse_records(b"B\x00x\x00D\x00").is_err());
         assert!(parse_records(b"Q\x00").is_err());
         assert_eq!(parse_records(b"").unwrap(), []);
     }

@@ -79,7 +79,7 @@ mod os {
     /// `sysctl hw.memsize`.
     pub fn total_memory_bytes() -> Option<u64> {
         let mut bytes: u64 = 0;
-        let mut len = std::mem::size_of::<u64>();
+        let mut len = size_of::<u64>();
         // SAFETY: the name is a NUL-terminated C string, `bytes` is a valid u64 and `len` holds
         // its size, as sysctlbyname requires; no new value is set (null, 0).
         let rc = unsafe {
@@ -91,7 +91,7 @@ mod os {
                 0,
             )
         };
-        (rc == 0 && len == std::mem::size_of::<u64>()).then_some(bytes)
+        (rc == 0 && len == size_of::<u64>()).then_some(bytes)
     }
 }
 

@@ -492,7 +492,13 @@ fn array_for_a_single_value_key() {
     f.base("VM_CPU=(2)\n");
     assert_eq!(f.ok().config.vm_cpu, 2);
     f.base("declare -A EXPOSE_PORTS=([web]=80)\n");
-    assert!(matches!(f.err(), ConfigError::Shape { .. }));
+    let err = f.err();
+    assert!(matches!(err, ConfigError::Shape { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("give an array, EXPOSE_PORTS=(a b)"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -692,4 +698,16 @@ fn unreadable_config_is_a_read_error() {
     let err = f.err();
     assert!(matches!(err, ConfigError::Read { .. }), "{err}");
     assert!(err.is_config_error());
+}
+
+#[test]
+fn a_local_file_alone() {
+    let f = Fixture::new();
+    f.local("VM_CPU=3\nFOO_BAR=1\n");
+    let loaded = f.ok();
+    assert_eq!(loaded.config.vm_cpu, 3);
+    let local = f.root.join("vmoat.local.conf");
+    assert_eq!(loaded.config.sources["VM_CPU"], Source::File(local.clone()));
+    assert_eq!(loaded.warnings.len(), 1);
+    assert!(loaded.warnings[0].contains(&local.display().to_string()));
 }

@@ -151,11 +151,15 @@ fn split(text: &str) -> Vec<String> {
 }
 
 fn shape(key: &'static str, file: &Path, found: &'static str) -> ConfigError {
+    let expected = match keys::spec(key).map(|k| k.kind) {
+        Some(keys::KeyKind::List) => format!("give an array, {key}=(a b), or a string"),
+        _ => format!("give one value, {key}=\"…\""),
+    };
     ConfigError::Shape {
         key,
         file: file.to_path_buf(),
         found,
-        expected: "give one value, as KEY=\"value\"",
+        expected,
     }
 }
 

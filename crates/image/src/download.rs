@@ -50,8 +50,11 @@ const STAMP: &str = "vmoat-verified.json";
 /// Largest `.sha512sum` file vmoat reads.
 const CHECKSUM_FILE_MAX: usize = 64 * 1024;
 
-/// Chunks in flight between the network and the writer thread.
-const PIPELINE_DEPTH: usize = 32;
+/// Batches in flight between the network and the writer thread.
+const PIPELINE_DEPTH: usize = 8;
+
+/// Bytes per batch handed to the writer thread (one write, one hash update).
+const BATCH: usize = 1 << 20;
 
 /// What to fetch.
 #[derive(Clone, Copy, Debug)]
@@ -547,16 +550,32 @@ async fn stream_into(
     writer: Writer,
     mut task: crate::progress::BytesTask,
 ) -> (u64, Result<Writer, StreamError>) {
+    // Three stages overlap: the network here, disk writes (and unpacking) on one thread,
+    // sha512 on another. Batches are shared, not copied, between the two threads.
+    let mut writer = writer;
+    let mut hasher = std::mem::take(&mut writer.hasher);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(PIPELINE_DEPTH);
+    let (hash_tx, mut hash_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(PIPELINE_DEPTH);
     let worker = tokio::task::spawn_blocking(move || {
-        let mut writer = writer;
         while let Some(chunk) = rx.blocking_recv() {
             writer.write(&chunk)?;
         }
         writer.flush()?;
         Ok::<Writer, ImageError>(writer)
     });
+    let hash_worker = tokio::task::spawn_blocking(move || {
+        while let Some(chunk) = hash_rx.blocking_recv() {
+            hasher.update(&chunk);
+        }
+        hasher
+    });
+    let send = |batch: bytes::Bytes| {
+        let (tx, hash_tx) = (tx.clone(), hash_tx.clone());
+        async move { tx.send(batch.clone()).await.is_ok() && hash_tx.send(batch).await.is_ok() }
+    };
 
+    // Chunks are a few KiB; batching them into large writes saves syscalls and channel hops.
+    let mut batch = bytes::BytesMut::with_capacity(BATCH);
     let mut received = 0u64;
     let mut network_error = None;
     loop {
@@ -564,7 +583,8 @@ async fn stream_into(
             Ok(Some(chunk)) => {
                 received += chunk.len() as u64;
                 task.inc(chunk.len() as u64);
-                if tx.send(chunk).await.is_err() {
+                batch.extend_from_slice(&chunk);
+                if batch.len() >= BATCH && !send(batch.split().freeze()).await {
                     break; // the writer failed; its error is returned below
                 }
             }
@@ -575,9 +595,20 @@ async fn stream_into(
             }
         }
     }
-    drop(tx);
+    // What arrived before a break-off still goes to disk, for a later resume.
+    if !batch.is_empty() {
+        send(batch.freeze()).await;
+    }
+    drop((tx, hash_tx));
 
-    let written = worker.await.expect("writer thread does not panic");
+    let hashed = hash_worker.await.expect("hash thread does not panic");
+    let written = worker
+        .await
+        .expect("writer thread does not panic")
+        .map(|mut writer| {
+            writer.hasher = hashed;
+            writer
+        });
     let result = match (network_error, written) {
         (_, Err(local)) => Err(StreamError::Local(local)),
         (Some(net), Ok(_)) => Err(StreamError::Network(net)),
@@ -651,7 +682,6 @@ impl Writer {
         self.file
             .write_all(bytes)
             .map_err(|e| ImageError::io("write", &self.part, e))?;
-        self.hasher.update(bytes);
         if let Some(sink) = &mut self.sink {
             sink.write(bytes)?;
         }

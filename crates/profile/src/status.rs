@@ -260,8 +260,10 @@ impl fmt::Display for StaleFile {
 
 /// The pid and socket files of a profile whose process is gone: `ha.pid`, `ha.sock`, the
 /// agent's identity record and the forwarded `docker.sock` when the agent is dead; the
-/// hypervisor's pid file, `qmp.sock`, `serial.sock` and `virtiofsd-*.sock` when it is dead.
-/// Nothing is removed; see [`clean_stale`].
+/// hypervisor's pid file, `qmp.sock`, `serial.sock` and `virtiofsd-*.sock` when it is dead
+/// (or has no pid file while no agent runs either). Files of an agent that is starting up
+/// (identity written, `ha.pid` not yet) are left alone. Nothing is removed; see
+/// [`clean_stale`].
 pub fn find_stale(paths: &ProfilePaths) -> Vec<StaleFile> {
     let mut stale = Vec::new();
     let mut add = |path: PathBuf, reason: &str| {
@@ -273,22 +275,34 @@ pub fn find_stale(paths: &ProfilePaths) -> Vec<StaleFile> {
         }
     };
 
-    let agent_gone = match agent_state(paths) {
+    // An agent still starting up may have written its identity but not yet ha.pid; its files
+    // are not stale.
+    let starting = || {
+        process::read_identity(&paths.agent_identity())
+            .ok()
+            .flatten()
+            .is_some_and(|identity| process::is_alive(&identity))
+    };
+    let agent = agent_state(paths);
+    let agent_gone = match &agent {
         PidState::Alive(_) => None,
         PidState::Dead { reason, .. } => Some(format!("left by a dead host agent: {reason}")),
+        PidState::None if starting() => None,
         PidState::None => Some("no host agent runs (no ha.pid)".to_owned()),
     };
-    if let Some(reason) = agent_gone {
-        add(paths.ha_pid(), &reason);
-        add(paths.agent_identity(), &reason);
-        add(paths.ha_sock(), &reason);
-        add(paths.docker_sock(), &reason);
+    if let Some(reason) = &agent_gone {
+        add(paths.ha_pid(), reason);
+        add(paths.agent_identity(), reason);
+        add(paths.ha_sock(), reason);
+        add(paths.docker_sock(), reason);
     }
 
     let (pid_file, driver) = driver_state(paths);
     let driver_gone = match driver {
         PidState::Alive(_) => None,
         PidState::Dead { reason, .. } => Some(format!("left by a dead hypervisor: {reason}")),
+        // A live agent may be starting the hypervisor, which writes its pid file late.
+        PidState::None if agent_gone.is_none() => None,
         PidState::None => Some("no hypervisor runs (no pid file)".to_owned()),
     };
     if let Some(reason) = driver_gone {
@@ -584,6 +598,32 @@ mod tests {
         assert!(
             matches!(driver, PidState::Dead { .. }),
             "limactl is not qemu: {driver:?}"
+        );
+    }
+
+    #[test]
+    fn a_starting_agent_leaves_nothing_stale() {
+        let mut f = fixture("starting");
+        f.agent();
+        std::fs::remove_file(f.paths.ha_pid()).unwrap();
+        drop(UnixListener::bind(f.paths.ha_sock()).unwrap());
+        drop(UnixListener::bind(f.paths.qmp_sock()).unwrap());
+        assert!(
+            find_stale(&f.paths).is_empty(),
+            "{:?}",
+            find_stale(&f.paths)
+        );
+
+        // With ha.pid written, a missing qemu.pid is the agent's business, not stale state.
+        let pid = process::read_identity(&f.paths.agent_identity())
+            .unwrap()
+            .unwrap()
+            .pid;
+        write_pid_file(&f.paths.ha_pid(), pid).unwrap();
+        assert!(
+            find_stale(&f.paths).is_empty(),
+            "{:?}",
+            find_stale(&f.paths)
         );
     }
 

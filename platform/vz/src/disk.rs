@@ -107,18 +107,11 @@ fn create_raw_disk_using(
     let (format, base_size) = probe(&base)?;
 
     if request.size_bytes < base_size {
-        return Err(DriverError::Io {
-            action: "sizing disk",
-            path: disk.clone(),
-            source: io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "the requested {} bytes are less than the {base_size} bytes of base image \
-                     {}; raise VM_DISK",
-                    request.size_bytes,
-                    base.display()
-                ),
-            ),
+        return Err(DriverError::DiskTooSmall {
+            disk: disk.clone(),
+            base,
+            base_bytes: base_size,
+            requested_bytes: request.size_bytes,
         });
     }
 
@@ -489,9 +482,18 @@ mod tests {
 
         let err = create_raw_disk_using(&request(&base, &disk, MIB), None).unwrap_err();
 
-        let text = format!("{err}: {}", std::error::Error::source(&err).unwrap());
-        assert!(text.contains("sizing disk"), "{text}");
-        assert!(text.contains("VM_DISK"), "{text}");
+        assert!(
+            matches!(
+                err,
+                DriverError::DiskTooSmall {
+                    base_bytes,
+                    requested_bytes,
+                    ..
+                } if base_bytes == 4 * MIB && requested_bytes == MIB
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("VM_DISK"), "{err}");
         assert!(!disk.exists());
     }
 

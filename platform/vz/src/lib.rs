@@ -45,7 +45,7 @@ pub use macos::{VzDriver, VzVm};
 pub use codesign::{ENTITLEMENT, ENTITLEMENTS_PLIST};
 pub use host::host_findings;
 #[cfg(target_os = "macos")]
-pub use machine_id::platform_uuid;
+pub use machine_id::{host_machine_id, platform_uuid};
 pub use pidfile::write_pid_file;
 
 /// The platform name used in messages and errors.

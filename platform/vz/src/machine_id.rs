@@ -34,6 +34,28 @@ pub fn platform_uuid() -> Option<String> {
     parse_platform_uuid(&String::from_utf8_lossy(&output.stdout))
 }
 
+/// The machine id Lima uses on macOS: the `IOPlatformUUID`, else the host name (as Lima falls
+/// back). Pass it to `vmoat_driver::lima_mac` so a VM's MAC matches Lima's on this Mac.
+#[cfg(target_os = "macos")]
+pub fn host_machine_id() -> String {
+    platform_uuid().unwrap_or_else(hostname)
+}
+
+/// `gethostname(3)`, or an empty string when it fails.
+#[cfg(target_os = "macos")]
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+
+    // SAFETY: the buffer is writable for its whole length, which is what we pass.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return String::new();
+    }
+
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..len]).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
