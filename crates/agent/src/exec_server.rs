@@ -57,9 +57,8 @@ where
                 match frame::read(&mut reader).await {
                     Ok(Some(f)) => match f.kind {
                         Kind::Stdin => {
-                            if stdin.write_all(&f.payload).await.is_err() {
-                                continue;
-                            }
+                            // A command that closed its stdin just does not get the rest.
+                            let _ = stdin.write_all(&f.payload).await;
                         }
                         Kind::StdinEof => {
                             let _ = stdin.shutdown().await;
@@ -128,7 +127,12 @@ async fn refuse<W: AsyncWrite + Unpin>(writer: &Arc<Mutex<W>>, kind: &str, messa
         kind: kind.to_owned(),
     };
     let mut w = writer.lock().await;
-    let _ = frame::write(&mut *w, Kind::Error, &serde_json::to_vec(&error).expect("JSON")).await;
+    let _ = frame::write(
+        &mut *w,
+        Kind::Error,
+        &serde_json::to_vec(&error).expect("JSON"),
+    )
+    .await;
     let _ = w.shutdown().await;
 }
 

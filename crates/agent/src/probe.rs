@@ -119,7 +119,10 @@ fn parse_response(response: &[u8]) -> ProbeResult {
         .and_then(|rest| rest.split_whitespace().nth(1))
         .and_then(|code| code.parse::<u16>().ok());
     let Some(status) = status else {
-        return failure(format!("not an HTTP answer: {:?}", truncate(&status_line, 80)));
+        return failure(format!(
+            "not an HTTP answer: {:?}",
+            truncate(&status_line, 80)
+        ));
     };
 
     let body = find(response, b"\r\n\r\n")
@@ -159,7 +162,10 @@ mod tests {
     #[test]
     fn urls_are_taken_apart() {
         let t = parse_url("http://127.0.0.1:8080/health?x=1").unwrap();
-        assert_eq!((t.host.as_str(), t.port, t.path.as_str()), ("127.0.0.1", 8080, "/health?x=1"));
+        assert_eq!(
+            (t.host.as_str(), t.port, t.path.as_str()),
+            ("127.0.0.1", 8080, "/health?x=1")
+        );
         let t = parse_url("http://localhost").unwrap();
         assert_eq!((t.port, t.path.as_str()), (80, "/"));
         let t = parse_url("http://[::1]:9000/").unwrap();

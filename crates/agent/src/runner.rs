@@ -3,6 +3,7 @@
 //! tunnels, serves them on `ha.sock`, watches the hypervisor, and cleans up when it ends.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
@@ -63,6 +64,9 @@ pub enum AgentError {
     /// The pid and identity files could not be written.
     #[error("cannot record the agent's identity")]
     Identity(#[source] vmoat_profile::FileError),
+    /// The agent could not read its own process identity.
+    #[error("cannot read the agent's own process identity")]
+    SelfIdentity(#[source] std::io::Error),
     /// The async runtime could not start.
     #[error("cannot start the agent's runtime")]
     Runtime(#[source] std::io::Error),
@@ -200,13 +204,7 @@ where
     }
 
     fn record_identity(&self) -> Result<(), AgentError> {
-        let identity = Identity::current().map_err(|e| {
-            AgentError::Identity(vmoat_profile::FileError::Io {
-                action: "inspect",
-                path: PathBuf::from("/proc/self"),
-                source: e,
-            })
-        })?;
+        let identity = Identity::current().map_err(AgentError::SelfIdentity)?;
         vmoat_profile::files::write_atomic(
             &self.paths.ha_pid(),
             format!("{}\n", identity.pid).as_bytes(),
@@ -218,8 +216,11 @@ where
     /// Walks every boot stage; on success the VM is ready for commands.
     async fn boot(self: Arc<Self>) -> Result<(), BootFailure> {
         let this = self.clone();
-        self.stage(Stage::Hypervisor, async move { this.start_hypervisor().await })
-            .await?;
+        self.stage(
+            Stage::Hypervisor,
+            async move { this.start_hypervisor().await },
+        )
+        .await?;
 
         let this = self.clone();
         self.stage(Stage::Kernel, async move { this.wait_kernel().await })
@@ -233,8 +234,11 @@ where
 
         let s = session.clone();
         let this = self.clone();
-        self.stage(Stage::CloudInit, async move { this.wait_cloud_init(&s).await })
-            .await?;
+        self.stage(
+            Stage::CloudInit,
+            async move { this.wait_cloud_init(&s).await },
+        )
+        .await?;
 
         let this = self.clone();
         self.stage(Stage::Docker, async move { this.wait_docker().await })
@@ -245,7 +249,7 @@ where
     async fn stage<T>(
         &self,
         stage: Stage,
-        work: impl std::future::Future<Output = Result<T, String>>,
+        work: impl Future<Output = Result<T, String>>,
     ) -> Result<T, BootFailure> {
         let limit = self.settings.timeouts.of(stage);
         self.set_phase(Phase::Booting { stage });
@@ -259,11 +263,15 @@ where
         let elapsed_ms = started.elapsed().as_millis() as u64;
         match outcome {
             Ok(Ok(value)) => {
-                self.state.lock().expect("state lock").stages.push(StageTiming {
-                    stage,
-                    done_at_ms: self.epoch.elapsed().as_millis() as u64,
-                    elapsed_ms,
-                });
+                self.state
+                    .lock()
+                    .expect("state lock")
+                    .stages
+                    .push(StageTiming {
+                        stage,
+                        done_at_ms: self.epoch.elapsed().as_millis() as u64,
+                        elapsed_ms,
+                    });
                 self.events.push(Event::StageDone { stage, elapsed_ms });
                 Ok(value)
             }
@@ -390,21 +398,27 @@ where
     }
 
     async fn wait_cloud_init(&self, session: &Session) -> Result<(), String> {
-        // `--wait` polls inside the guest; the stage's timeout bounds it from here.
-        let command = "if command -v cloud-init >/dev/null; then cloud-init status --wait; \
-                       else echo 'status: absent'; fi";
+        // `--wait` polls inside the guest; the stage's timeout bounds it from here. The status
+        // is read afterwards on its own, as JSON, so progress dots never get in the way.
+        let command = "if ! command -v cloud-init >/dev/null; then echo '{\"status\":\"absent\"}'; \
+                       else cloud-init status --wait >/dev/null 2>&1; \
+                       cloud-init status --format json; fi";
         let output = session
             .output(vmoat_ssh::ExecRequest::command(command))
             .await
             .map_err(|e| format!("cannot ask cloud-init for its status: {e}"))?;
         let text = String::from_utf8_lossy(&output.stdout).into_owned();
-        let status = text
-            .lines()
-            .rev()
-            .find_map(|l| l.trim().strip_prefix("status:"))
-            .map(str::trim)
-            .unwrap_or("")
-            .to_owned();
+        let status = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("status").and_then(|s| s.as_str()).map(str::to_owned))
+            .unwrap_or_else(|| {
+                tracing::warn!(
+                    "unreadable cloud-init status (exit {:?}): stdout {text:?}, stderr {:?}",
+                    output.status,
+                    String::from_utf8_lossy(&output.stderr)
+                );
+                String::new()
+            });
 
         match status.as_str() {
             "done" => Ok(()),
@@ -414,7 +428,7 @@ where
                 });
                 Ok(())
             }
-            "degraded done" => {
+            "degraded done" | "degraded" => {
                 self.events.push(Event::Note {
                     message: format!(
                         "cloud-init finished with warnings (see `cloud-init status --long` \
@@ -454,18 +468,15 @@ where
         ));
         *self.docker_forward.lock().expect("forward lock") = Some(forward);
 
-        let mut last_error = String::new();
         loop {
             self.check_alive()?;
-            match vmoat_docker::DockerClient::connect(&socket) {
-                Ok(docker) => match docker.ping().await {
-                    Ok(()) => break,
-                    Err(err) => last_error = err.to_string(),
-                },
-                Err(err) => last_error = err.to_string(),
-            }
-            if !last_error.is_empty() {
-                tracing::debug!("docker not answering yet: {last_error}");
+            let answer = match vmoat_docker::DockerClient::connect(&socket) {
+                Ok(docker) => docker.ping().await.map_err(|e| e.to_string()),
+                Err(err) => Err(err.to_string()),
+            };
+            match answer {
+                Ok(()) => break,
+                Err(err) => tracing::debug!("docker not answering yet: {err}"),
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
@@ -489,7 +500,11 @@ where
     }
 
     fn vm_state(&self) -> Option<VmState> {
-        self.vm.lock().expect("vm lock").as_mut().map(|vm| vm.state())
+        self.vm
+            .lock()
+            .expect("vm lock")
+            .as_mut()
+            .map(|vm| vm.state())
     }
 
     async fn fail(&self, failure: BootFailure) {
@@ -625,7 +640,10 @@ where
         }
         tracing::info!("signal received: stopping the VM");
         let request = StopRequest { grace_secs: 60 };
-        let _ = self.clone().do_stop(request, "the agent received a signal").await;
+        let _ = self
+            .clone()
+            .do_stop(request, "the agent received a signal")
+            .await;
     }
 
     async fn do_stop(
@@ -704,8 +722,7 @@ where
 
     fn write_last_exit(&self, last: LastExit) {
         let text = serde_json::to_vec_pretty(&last).expect("JSON of plain data");
-        if let Err(err) = vmoat_profile::files::write_atomic(&self.paths.agent_last_exit(), &text)
-        {
+        if let Err(err) = vmoat_profile::files::write_atomic(&self.paths.agent_last_exit(), &text) {
             tracing::warn!("cannot record why the VM stopped: {err}");
         }
     }
@@ -864,26 +881,25 @@ where
         let Some(session) = self.session.borrow().clone() else {
             return probe::failure("the VM is not ready: no SSH connection".into());
         };
-        let stream = match tokio::time::timeout(
-            timeout,
-            session.direct_tcpip(&target.host, target.port),
-        )
-        .await
-        {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(err)) => {
-                return probe::failure(format!(
-                    "connection to {}:{} refused inside the VM ({err})",
-                    target.host, target.port
-                ));
-            }
-            Err(_) => return probe::failure("no connection within the probe's time".into()),
-        };
+        let stream =
+            match tokio::time::timeout(timeout, session.direct_tcpip(&target.host, target.port))
+                .await
+            {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(err)) => {
+                    return probe::failure(format!(
+                        "connection to {}:{} refused inside the VM ({err})",
+                        target.host, target.port
+                    ));
+                }
+                Err(_) => return probe::failure("no connection within the probe's time".into()),
+            };
         probe::get(stream, &target, timeout).await
     }
 
     async fn stop(self: Arc<Self>, request: StopRequest) -> Result<StopResult, ApiError> {
-        self.do_stop(request, "stopped on request (vmoat down)").await
+        self.do_stop(request, "stopped on request (vmoat down)")
+            .await
     }
 }
 

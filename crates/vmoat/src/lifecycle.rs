@@ -38,8 +38,6 @@ const LIMA_VERSION: &str = "2.0.0";
 pub struct Running {
     /// The agent of the running VM.
     pub client: AgentClient,
-    /// The agent's status once the boot finished.
-    pub status: AgentStatus,
     /// Held until the caller is done with set-up work (provisioning, CMD_UP).
     pub lock: ProfileLock,
 }
@@ -63,12 +61,8 @@ pub fn ensure_running(ctx: &Context, keep_failed: bool, progress: Progress) -> C
 
     // A running agent is reused: it may be booting (an earlier `up` was interrupted) or ready.
     if let InstanceStatus::Running { .. } = instance_status(paths) {
-        let status = rt.block_on(follow_boot(&client, &profile.name, progress))?;
-        return Ok(Running {
-            client,
-            status,
-            lock,
-        });
+        rt.block_on(follow_boot(&client, &profile.name, progress))?;
+        return Ok(Running { client, lock });
     }
 
     repair_stale(ctx, paths)?;
@@ -94,12 +88,8 @@ pub fn ensure_running(ctx: &Context, keep_failed: bool, progress: Progress) -> C
     spawn::spawn(&exe, &profile.name, &files, AGENT_START)
         .map_err(|e| CodedError::new(Exit::Failed, e))?;
 
-    let status = rt.block_on(follow_boot(&client, &profile.name, progress))?;
-    Ok(Running {
-        client,
-        status,
-        lock,
-    })
+    rt.block_on(follow_boot(&client, &profile.name, progress))?;
+    Ok(Running { client, lock })
 }
 
 /// Exit 5 when this host cannot run the VM, with every reason and its fix.
@@ -256,7 +246,11 @@ fn create(
     let arch = Arch::host();
 
     let image = rt
-        .block_on(vmoat_image::ensure(&config.vm_image, arch, &progress.for_images()))
+        .block_on(vmoat_image::ensure(
+            &config.vm_image,
+            arch,
+            &progress.for_images(),
+        ))
         .map_err(|e| {
             let exit = if e.is_download_failure() {
                 Exit::Image
@@ -289,12 +283,19 @@ fn create(
     write_private(&paths.host_key_pub(), host_key.public_openssh.as_bytes())?;
 
     write_profile_files(ctx, profile, config, &image)?;
-    OwnerRecord::new(&worktree.root, env!("CARGO_PKG_VERSION"), Some(image.name.clone()))
-        .write(paths)
-        .map_err(|e| CodedError::new(Exit::Failed, e))?;
+    OwnerRecord::new(
+        &worktree.root,
+        env!("CARGO_PKG_VERSION"),
+        Some(image.name.clone()),
+    )
+    .write(paths)
+    .map_err(|e| CodedError::new(Exit::Failed, e))?;
 
     undo.armed = false;
-    ctx.notice(format!("created VM {} from image {}", profile.name, image.name));
+    ctx.notice(format!(
+        "created VM {} from image {}",
+        profile.name, image.name
+    ));
     Ok(())
 }
 
@@ -338,7 +339,10 @@ fn make_disk(
     }
     if let Some(cmdline) = &image.cmdline {
         std::fs::write(paths.kernel_cmdline(), cmdline).map_err(|e| {
-            CodedError::msg(Exit::Failed, format!("cannot write the kernel command line: {e}"))
+            CodedError::msg(
+                Exit::Failed,
+                format!("cannot write the kernel command line: {e}"),
+            )
         })?;
     }
     Ok(())
@@ -364,7 +368,12 @@ fn create_private_dir(dir: &Path) -> CmdResult<()> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|e| CodedError::msg(Exit::Failed, format!("cannot create {}: {e}", dir.display())))
+        .map_err(|e| {
+            CodedError::msg(
+                Exit::Failed,
+                format!("cannot create {}: {e}", dir.display()),
+            )
+        })
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> CmdResult<()> {
@@ -378,7 +387,12 @@ fn write_private(path: &Path, bytes: &[u8]) -> CmdResult<()> {
         .mode(0o600)
         .open(path)
         .and_then(|mut f| f.write_all(bytes));
-    written.map_err(|e| CodedError::msg(Exit::Failed, format!("cannot write {}: {e}", path.display())))
+    written.map_err(|e| {
+        CodedError::msg(
+            Exit::Failed,
+            format!("cannot write {}: {e}", path.display()),
+        )
+    })
 }
 
 /// The mounts of this worktree's VM: `VM_MOUNT`, and the git common dir when it lies outside
@@ -547,7 +561,8 @@ fn write_seed(
             .collect(),
         grow_root: true,
     };
-    vmoat_cidata::write_iso(&seed, &paths.cidata_iso()).map_err(|e| CodedError::new(Exit::Failed, e))
+    vmoat_cidata::write_iso(&seed, &paths.cidata_iso())
+        .map_err(|e| CodedError::new(Exit::Failed, e))
 }
 
 /// lima.yaml, both colima.yaml copies and lima-version, so Colima's and Lima's tools see the
@@ -561,7 +576,9 @@ fn write_profile_files(
     let paths = &profile.paths;
     let arch = Arch::host();
     let mount_type = config.mount_type.clone().unwrap_or_else(|| {
-        mount_type(&QemuDriver::from_env(), config).as_str().to_owned()
+        mount_type(&QemuDriver::from_env(), config)
+            .as_str()
+            .to_owned()
     });
     let mounts = mounts(ctx, config)?;
     let fail = |e: vmoat_profile::FileError| CodedError::new(Exit::Failed, e);
@@ -636,6 +653,9 @@ fn write_profile_files(
             )
         })
         .map_err(|e| {
-            CodedError::msg(Exit::Failed, format!("cannot write {}: {e}", version.display()))
+            CodedError::msg(
+                Exit::Failed,
+                format!("cannot write {}: {e}", version.display()),
+            )
         })
 }

@@ -45,7 +45,11 @@ pub struct SeedReport {
 
 /// Copies every entry from `main` into `worktree`. Every entry is checked before anything is
 /// copied, so a bad entry leaves the worktree untouched.
-pub fn copy_seeds(main: &Path, worktree: &Path, entries: &[String]) -> Result<SeedReport, SeedError> {
+pub fn copy_seeds(
+    main: &Path,
+    worktree: &Path,
+    entries: &[String],
+) -> Result<SeedReport, SeedError> {
     let mut checked = Vec::new();
     for entry in entries {
         checked.push((entry, check_entry(main, worktree, entry)?));
@@ -105,8 +109,8 @@ fn check_entry(main: &Path, worktree: &Path, entry: &str) -> Result<PathBuf, See
                 break;
             };
             if meta.file_type().is_symlink() {
-                let target = std::fs::canonicalize(&walked)
-                    .map_err(|_| escapes("is a dangling symlink"))?;
+                let target =
+                    std::fs::canonicalize(&walked).map_err(|_| escapes("is a dangling symlink"))?;
                 let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
                 if !vmoat_worktree::contains(&root, &target) {
                     return Err(escapes(&format!(
@@ -134,7 +138,12 @@ fn copy_tree(
         children.sort_by_key(|e| e.file_name());
         for child in children {
             let name = child.file_name();
-            copy_tree(&child.path(), &to.join(&name), &relative.join(&name), report)?;
+            copy_tree(
+                &child.path(),
+                &to.join(&name),
+                &relative.join(&name),
+                report,
+            )?;
         }
         return Ok(());
     }
@@ -183,8 +192,14 @@ mod tests {
         let entries = [".env".to_owned(), "conf".to_owned(), "absent".to_owned()];
         let report = copy_seeds(&main, &wt, &entries).unwrap();
         assert_eq!(std::fs::read_to_string(wt.join(".env")).unwrap(), "A=1");
-        assert_eq!(std::fs::read_to_string(wt.join("conf/keys/k1")).unwrap(), "secret");
-        assert_eq!(std::fs::read_to_string(wt.join("conf/app.ini")).unwrap(), "mine");
+        assert_eq!(
+            std::fs::read_to_string(wt.join("conf/keys/k1")).unwrap(),
+            "secret"
+        );
+        assert_eq!(
+            std::fs::read_to_string(wt.join("conf/app.ini")).unwrap(),
+            "mine"
+        );
         assert_eq!(report.kept, [PathBuf::from("conf/app.ini")]);
         assert_eq!(report.missing, ["absent"]);
         assert_eq!(report.copied.len(), 2);
@@ -197,7 +212,10 @@ mod tests {
             let entries = [".env".to_owned(), bad.to_owned()];
             let err = copy_seeds(&main, &wt, &entries).unwrap_err();
             assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
-            assert!(!wt.join(".env").exists(), "nothing is copied when {bad} is refused");
+            assert!(
+                !wt.join(".env").exists(),
+                "nothing is copied when {bad} is refused"
+            );
         }
 
         std::fs::write(dir.path().join("outside"), "o").unwrap();

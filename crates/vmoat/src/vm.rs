@@ -90,11 +90,6 @@ pub fn exec_error(profile: &str, err: ExecError) -> CodedError {
     }
 }
 
-/// The shell prefix that runs a command as root in the guest.
-pub fn sudo(ssh_user: &str) -> &'static str {
-    if ssh_user == "root" { "" } else { "sudo " }
-}
-
 /// A command's output copied to stderr while the last lines are kept for an error message.
 #[derive(Clone)]
 pub struct TailingStderr {
@@ -117,7 +112,13 @@ impl TailingStderr {
 
     /// The last lines seen.
     pub fn tail(&self) -> Vec<String> {
-        let mut lines: Vec<String> = self.lines.lock().expect("tail lock").iter().cloned().collect();
+        let mut lines: Vec<String> = self
+            .lines
+            .lock()
+            .expect("tail lock")
+            .iter()
+            .cloned()
+            .collect();
         let partial = self.partial.lock().expect("tail lock");
         if !partial.is_empty() {
             lines.push(String::from_utf8_lossy(&partial).into_owned());
@@ -269,7 +270,11 @@ pub async fn run_attached(
 
             let (tx, rx) = tokio::sync::mpsc::channel(8);
             let changes = vmoat_ssh::WindowChanges::new(stdin_fd.as_fd());
-            let term = request.pty.as_ref().map(|p| p.term.clone()).unwrap_or_default();
+            let term = request
+                .pty
+                .as_ref()
+                .map(|p| p.term.clone())
+                .unwrap_or_default();
             let watcher = tokio::spawn(async move {
                 let Ok(mut changes) = changes else { return };
                 while let Some(size) = changes.next().await {

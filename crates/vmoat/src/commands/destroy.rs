@@ -27,7 +27,10 @@ pub fn run(ctx: &Context, args: DestroyArgs) -> CmdResult {
     let exists = std::fs::symlink_metadata(&paths.instance_dir).is_ok()
         || std::fs::symlink_metadata(&paths.profile_dir).is_ok();
     if !exists {
-        ctx.notice(format!("VM {} does not exist; nothing to delete", profile.name));
+        ctx.notice(format!(
+            "VM {} does not exist; nothing to delete",
+            profile.name
+        ));
         return Ok(Exit::Ok);
     }
 
@@ -36,9 +39,12 @@ pub fn run(ctx: &Context, args: DestroyArgs) -> CmdResult {
         return Ok(Exit::Ok);
     }
 
-    let _lock = ProfileLock::acquire(paths, LockMode::Exclusive, Duration::from_secs(30 * 60), |w| {
-        ctx.notice(w.to_string())
-    })
+    let _lock = ProfileLock::acquire(
+        paths,
+        LockMode::Exclusive,
+        Duration::from_secs(30 * 60),
+        |w| ctx.notice(w.to_string()),
+    )
     .exit_with(Exit::Failed)?;
 
     let stopped = down::stop(ctx, GRACE)?;
@@ -47,7 +53,10 @@ pub fn run(ctx: &Context, args: DestroyArgs) -> CmdResult {
     remove_inside(&paths.instance_dir, home.lima_home())?;
     remove_inside(&paths.profile_dir, home.root())?;
     if let Err(err) = vmoat_docker::remove_context(&paths.id) {
-        ctx.notice(format!("could not remove the docker context {}: {err}", paths.id));
+        ctx.notice(format!(
+            "could not remove the docker context {}: {err}",
+            paths.id
+        ));
     }
 
     if ctx.json {
@@ -87,7 +96,10 @@ fn remove_inside(dir: &Path, home: &Path) -> CmdResult<()> {
         return Ok(());
     };
     let failed = |e: std::io::Error| {
-        CodedError::msg(Exit::Failed, format!("cannot delete {}: {e}", dir.display()))
+        CodedError::msg(
+            Exit::Failed,
+            format!("cannot delete {}: {e}", dir.display()),
+        )
     };
 
     if !meta.is_dir() {
@@ -127,7 +139,10 @@ mod tests {
 
         remove_inside(&home.join("wt-x"), &home).unwrap();
         assert!(!home.join("wt-x").exists());
-        assert_eq!(std::fs::read_to_string(elsewhere.join("data")).unwrap(), "keep");
+        assert_eq!(
+            std::fs::read_to_string(elsewhere.join("data")).unwrap(),
+            "keep"
+        );
     }
 
     #[test]

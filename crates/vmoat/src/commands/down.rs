@@ -53,7 +53,10 @@ pub fn stop(ctx: &Context, grace: Duration) -> CmdResult<String> {
             result.detail
         }
         InstanceStatus::Broken { reason } => {
-            ctx.notice(format!("VM {} is broken ({reason}); stopping what runs", profile.name));
+            ctx.notice(format!(
+                "VM {} is broken ({reason}); stopping what runs",
+                profile.name
+            ));
             stop_orphan(paths, grace)?
         }
     };
@@ -77,13 +80,14 @@ fn stop_orphan(paths: &vmoat_profile::ProfilePaths, grace: Duration) -> CmdResul
             .adopt(&settings.spec)
             .map_err(|e| CodedError::new(Exit::Failed, e))?
         {
-            let info = vm.stop(grace).map_err(|e| CodedError::new(Exit::Failed, e))?;
+            let info = vm
+                .stop(grace)
+                .map_err(|e| CodedError::new(Exit::Failed, e))?;
             stopped = format!("stopped the VM its agent had left: {info}");
         }
     }
 
-    if let vmoat_profile::status::PidState::Alive(pid) = vmoat_profile::status::agent_state(paths)
-    {
+    if let vmoat_profile::status::PidState::Alive(pid) = vmoat_profile::status::agent_state(paths) {
         // The agent answers nothing (hung); it is vmoat's own process, identified by its
         // recorded identity, so ending it is safe.
         let _ = nix::sys::signal::kill(

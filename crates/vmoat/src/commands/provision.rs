@@ -28,11 +28,7 @@ pub fn run(ctx: &Context, args: ProvisionArgs, up: bool) -> CmdResult {
 
     // Settle what `up` will run before any VM work, so a project with nothing to start fails
     // at once rather than after a boot.
-    let cmd_up = if up {
-        Some(cmd_up(ctx, config)?)
-    } else {
-        None
-    };
+    let cmd_up = if up { Some(cmd_up(ctx, config)?) } else { None };
 
     let progress = Progress::new(ctx.quiet);
     let Running { client, lock, .. } = lifecycle::ensure_running(ctx, args.keep_failed, progress)?;
@@ -116,11 +112,14 @@ async fn provision(
 
     if !config.provision_apt.is_empty() {
         let packages = config.provision_apt.join(" ");
-        let line = progress.stage("provision", &format!("packages: {packages}"), Some(APT_LIMIT));
-
-        let probe = format!(
-            "for p in {packages}; do dpkg -s \"$p\" >/dev/null 2>&1 || echo \"$p\"; done"
+        let line = progress.stage(
+            "provision",
+            &format!("packages: {packages}"),
+            Some(APT_LIMIT),
         );
+
+        let probe =
+            format!("for p in {packages}; do dpkg -s \"$p\" >/dev/null 2>&1 || echo \"$p\"; done");
         let missing = exec_client::capture(
             client,
             ExecRequest {

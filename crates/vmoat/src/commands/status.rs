@@ -86,7 +86,10 @@ pub fn run(ctx: &Context) -> CmdResult {
         cpus: config.vm_cpu,
         memory_mib: config.vm_memory_mib,
         disk_gib: config.vm_disk_gib,
-        image: OwnerRecord::read(paths).ok().flatten().and_then(|o| o.image),
+        image: OwnerRecord::read(paths)
+            .ok()
+            .flatten()
+            .and_then(|o| o.image),
         accel: None,
         uptime_secs: None,
         ssh_port: None,
@@ -103,7 +106,11 @@ pub fn run(ctx: &Context) -> CmdResult {
     if status.is_running() {
         let rt = vm::runtime()?;
         let client = AgentClient::new(paths.ha_sock());
-        rt.block_on(fill_running(&client, config.health_url.as_deref(), &mut report));
+        rt.block_on(fill_running(
+            &client,
+            config.health_url.as_deref(),
+            &mut report,
+        ));
     } else if status != InstanceStatus::Absent {
         report.last_exit = vm::last_exit(paths);
     }
@@ -176,11 +183,17 @@ async fn guest_disk(client: &AgentClient) -> Option<GuestDisk> {
         command: "df -Pk / | tail -n 1".into(),
         ..ExecRequest::default()
     };
-    let out = tokio::time::timeout(Duration::from_secs(10), exec_client::capture(client, request))
-        .await
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        exec_client::capture(client, request),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let fields: Vec<&str> = std::str::from_utf8(&out.stdout)
         .ok()?
-        .ok()?;
-    let fields: Vec<&str> = std::str::from_utf8(&out.stdout).ok()?.split_whitespace().collect();
+        .split_whitespace()
+        .collect();
     let size_kib: u64 = fields.get(1)?.parse().ok()?;
     let free_kib: u64 = fields.get(3)?.parse().ok()?;
     let used: u8 = fields.get(4)?.trim_end_matches('%').parse().ok()?;
@@ -220,10 +233,17 @@ fn print_text(report: &Report) {
             disk.size_bytes >> 20
         ));
     }
-    lines.push(format!("docker:    {} (context {})", report.docker_host, report.docker_context));
+    lines.push(format!(
+        "docker:    {} (context {})",
+        report.docker_host, report.docker_context
+    ));
     for c in &report.containers {
         let ports: Vec<String> = c.ports.iter().map(|p| p.to_string()).collect();
-        let health = c.health.as_ref().map(|h| format!(" {h}")).unwrap_or_default();
+        let health = c
+            .health
+            .as_ref()
+            .map(|h| format!(" {h}"))
+            .unwrap_or_default();
         lines.push(format!(
             "container: {} ({}) {}{health} {}",
             c.name,
@@ -241,7 +261,10 @@ fn print_text(report: &Report) {
         lines.push(format!("health:    {} → {result}", health.url));
     }
     for t in &report.tunnels {
-        lines.push(format!("tunnel:    {} → guest port {}", t.url, t.guest_port));
+        lines.push(format!(
+            "tunnel:    {} → guest port {}",
+            t.url, t.guest_port
+        ));
     }
     if let Some(last) = &report.last_exit {
         lines.push(format!("stopped:   {}", last.reason));
@@ -250,7 +273,9 @@ fn print_text(report: &Report) {
         }
     }
     for stale in &report.stale_files {
-        lines.push(format!("stale:     {stale} (the next `vmoat up` cleans it)"));
+        lines.push(format!(
+            "stale:     {stale} (the next `vmoat up` cleans it)"
+        ));
     }
     output::line(lines.join("\n"));
 }

@@ -34,7 +34,10 @@ pub fn run(ctx: &Context, args: PortsArgs, open: bool) -> CmdResult {
             closed.extend(done);
         }
         for tunnel in &closed {
-            ctx.notice(format!("closed {} (guest port {})", tunnel.url, tunnel.guest_port));
+            ctx.notice(format!(
+                "closed {} (guest port {})",
+                tunnel.url, tunnel.guest_port
+            ));
         }
         if ctx.json {
             output::json(&closed);
@@ -71,7 +74,11 @@ pub fn run(ctx: &Context, args: PortsArgs, open: bool) -> CmdResult {
             Exit::Failed,
             format!(
                 "no tunnel for guest port(s) {}: nothing listens there in VM {}",
-                failed.iter().map(u16::to_string).collect::<Vec<_>>().join(", "),
+                failed
+                    .iter()
+                    .map(u16::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 profile.name
             ),
         ))
