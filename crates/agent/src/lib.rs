@@ -10,8 +10,11 @@
 pub mod client;
 pub mod events;
 pub mod exec_client;
+mod exec_server;
 pub mod frame;
+pub mod probe;
 pub mod protocol;
+pub mod runner;
 pub mod serial;
 pub mod server;
 pub mod settings;

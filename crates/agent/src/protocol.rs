@@ -263,8 +263,6 @@ pub struct Tunnel {
     pub host_port: u16,
     /// `http://127.0.0.1:<host_port>`.
     pub url: String,
-    /// Connections served so far.
-    pub connections: u64,
 }
 
 /// `POST /vmoat/v1/probe`: an HTTP GET made from inside the guest's network, through SSH, so

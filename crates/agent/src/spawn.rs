@@ -159,8 +159,7 @@ mod tests {
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
 
-        let err = spawn(&script, "wt-x", &files(dir.path()), Duration::from_secs(10))
-            .unwrap_err();
+        let err = spawn(&script, "wt-x", &files(dir.path()), Duration::from_secs(10)).unwrap_err();
         let text = err.to_string();
         assert!(text.contains("exit status: 3"), "{text}");
         assert!(text.contains("cannot boot wt-x"), "{text}");
@@ -170,13 +169,21 @@ mod tests {
     fn an_agent_that_never_answers_is_ended() {
         let dir = tempfile::tempdir().unwrap();
         let script = dir.path().join("fake-vmoat");
-        std::fs::write(&script, "#!/bin/sh\necho $$ > \"$(dirname \"$0\")/pid\"\nexec sleep 30\n")
-            .unwrap();
+        std::fs::write(
+            &script,
+            "#!/bin/sh\necho $$ > \"$(dirname \"$0\")/pid\"\nexec sleep 30\n",
+        )
+        .unwrap();
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
 
-        let err = spawn(&script, "wt-x", &files(dir.path()), Duration::from_millis(500))
-            .unwrap_err();
+        let err = spawn(
+            &script,
+            "wt-x",
+            &files(dir.path()),
+            Duration::from_millis(500),
+        )
+        .unwrap_err();
         assert!(matches!(err, SpawnError::Timeout { .. }), "{err}");
         let pid = std::fs::read_to_string(dir.path().join("pid")).unwrap();
         assert!(!Path::new(&format!("/proc/{}", pid.trim())).exists());

@@ -108,7 +108,6 @@ impl Backend for Fake {
             guest_port: request.guest_port,
             host_port: 40000,
             url: "http://127.0.0.1:40000".into(),
-            connections: 0,
         };
         self.tunnels.lock().unwrap().push(tunnel.clone());
         Ok(tunnel)

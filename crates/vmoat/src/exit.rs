@@ -10,25 +10,36 @@ use std::fmt;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Exit {
     /// Success.
-    Ok = 0,
+    Ok,
     /// The command in the VM failed, or vmoat failed in a way no other code covers.
-    Failed = 1,
+    Failed,
     /// Usage or config error.
-    Usage = 2,
+    Usage,
     /// The VM is not running or not created.
-    NotRunning = 3,
+    NotRunning,
     /// A boot stage or the health wait timed out.
-    Timeout = 4,
+    Timeout,
     /// This host cannot run VMs.
-    HostUnsupported = 5,
+    HostUnsupported,
     /// An image download or verification failed.
-    Image = 6,
+    Image,
+    /// The status of a command run in the VM (`test`, `ssh CMD`), passed through as is.
+    Passthrough(u8),
 }
 
 impl Exit {
     /// The numeric status.
     pub fn code(self) -> u8 {
-        self as u8
+        match self {
+            Exit::Ok => 0,
+            Exit::Failed => 1,
+            Exit::Usage => 2,
+            Exit::NotRunning => 3,
+            Exit::Timeout => 4,
+            Exit::HostUnsupported => 5,
+            Exit::Image => 6,
+            Exit::Passthrough(code) => code,
+        }
     }
 }
 

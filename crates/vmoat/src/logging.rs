@@ -15,7 +15,10 @@ pub fn init(verbose: u8, quiet: bool) {
     let filter = EnvFilter::try_from_env("VMOAT_LOG")
         .unwrap_or_else(|_| EnvFilter::new(format!("{level},russh=warn,hyper=warn")));
 
+    // Colours only on a terminal: logs written to files (the agent's ha.stderr.log, CI)
+    // stay plain text.
     let _ = tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(verbose >= 2)

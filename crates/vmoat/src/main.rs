@@ -5,8 +5,12 @@ mod cli;
 mod commands;
 mod context;
 mod exit;
+mod lifecycle;
 mod logging;
 mod output;
+mod progress;
+mod seed;
+mod vm;
 
 use std::process::ExitCode;
 

@@ -1,9 +1,114 @@
-//! `vmoat down`: graceful shutdown, disk kept.
+//! `vmoat down`: a graceful guest shutdown (ACPI power button), forced after a timeout. Tunnels
+//! close with the agent; the disk, images and volumes stay.
+
+use std::time::Duration;
+
+use vmoat_agent::client::AgentClient;
+use vmoat_profile::lock::{LockMode, ProfileLock};
+use vmoat_profile::status::{InstanceStatus, clean_stale, find_stale, instance_status};
 
 use crate::context::Context;
-use crate::exit::{CmdResult, CodedError, Exit};
+use crate::exit::{CmdResult, CodedError, Exit, WithExit};
+use crate::output;
+use crate::vm;
 
-/// Runs the command.
-pub fn run(_ctx: &Context) -> CmdResult {
-    Err(CodedError::msg(Exit::Failed, "this command is not built yet"))
+/// How long the guest may take to power off before it is forced.
+pub const GRACE: Duration = Duration::from_secs(90);
+
+/// How long `down` waits for another command holding the profile.
+const LOCK_WAIT: Duration = Duration::from_secs(30 * 60);
+
+/// Stops this worktree's VM.
+pub fn run(ctx: &Context) -> CmdResult {
+    let profile = ctx.profile()?;
+    let _lock = ProfileLock::acquire(&profile.paths, LockMode::Exclusive, LOCK_WAIT, |w| {
+        ctx.notice(w.to_string())
+    })
+    .exit_with(Exit::Failed)?;
+
+    let outcome = stop(ctx, GRACE)?;
+    if ctx.json {
+        output::json(&serde_json::json!({ "name": profile.name, "result": outcome }));
+    } else {
+        ctx.notice(format!("VM {}: {outcome}", profile.name));
+    }
+    Ok(Exit::Ok)
+}
+
+/// Stops the VM whatever state it is in (the caller holds the lock) and says what happened.
+pub fn stop(ctx: &Context, grace: Duration) -> CmdResult<String> {
+    let profile = ctx.profile()?;
+    let paths = &profile.paths;
+    let rt = vm::runtime()?;
+
+    let outcome = match instance_status(paths) {
+        InstanceStatus::Absent => "does not exist".to_owned(),
+        InstanceStatus::Stopped => "already stopped".to_owned(),
+        InstanceStatus::Running { .. } => {
+            let client = AgentClient::new(paths.ha_sock());
+            let result = rt
+                .block_on(client.stop(grace))
+                .map_err(|e| vm::agent_error(&profile.name, e))?;
+            wait_agent_gone(paths);
+            result.detail
+        }
+        InstanceStatus::Broken { reason } => {
+            ctx.notice(format!(
+                "VM {} is broken ({reason}); stopping what runs",
+                profile.name
+            ));
+            stop_orphan(paths, grace)?
+        }
+    };
+
+    let stale = find_stale(paths);
+    if !stale.is_empty() {
+        clean_stale(&stale).map_err(|e| CodedError::new(Exit::Failed, e))?;
+    }
+    Ok(outcome)
+}
+
+/// A hypervisor whose agent died: take it over through the driver and stop it; an agent
+/// whose hypervisor died: end it.
+fn stop_orphan(paths: &vmoat_profile::ProfilePaths, grace: Duration) -> CmdResult<String> {
+    use vmoat_driver::{Driver, RunningVm};
+
+    let mut stopped = "cleaned up".to_owned();
+    if let Ok(settings) = vmoat_agent::settings::AgentSettings::read(&paths.vm_spec()) {
+        let driver = vmoat_qemu::QemuDriver::from_env();
+        if let Some(mut vm) = driver
+            .adopt(&settings.spec)
+            .map_err(|e| CodedError::new(Exit::Failed, e))?
+        {
+            let info = vm
+                .stop(grace)
+                .map_err(|e| CodedError::new(Exit::Failed, e))?;
+            stopped = format!("stopped the VM its agent had left: {info}");
+        }
+    }
+
+    if let vmoat_profile::status::PidState::Alive(pid) = vmoat_profile::status::agent_state(paths) {
+        // The agent answers nothing (hung); it is vmoat's own process, identified by its
+        // recorded identity, so ending it is safe.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        stopped.push_str("; ended its unresponsive agent");
+    }
+    Ok(stopped)
+}
+
+/// Waits (briefly) for the agent to exit after a stop, so the next command sees it gone.
+fn wait_agent_gone(paths: &vmoat_profile::ProfilePaths) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if matches!(
+            vmoat_profile::status::agent_state(paths),
+            vmoat_profile::status::PidState::None | vmoat_profile::status::PidState::Dead { .. }
+        ) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
