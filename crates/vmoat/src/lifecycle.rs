@@ -291,6 +291,12 @@ fn create(
     .write(paths)
     .map_err(|e| CodedError::new(Exit::Failed, e))?;
 
+    // `docker --context colima-<profile>` reaches the VM; the current context is never
+    // changed.
+    let description = format!("vmoat VM {} ({})", profile.name, worktree.root.display());
+    vmoat_docker::write_context(&paths.id, &description, &paths.docker_sock())
+        .map_err(|e| CodedError::new(Exit::Failed, e))?;
+
     undo.armed = false;
     ctx.notice(format!(
         "created VM {} from image {}",
