@@ -337,6 +337,16 @@ where
     }
 
     fn install_vm(&self, vm: D::Vm, adopted: bool) {
+        // A VM run inside this process (vz) has no pid of its own; Lima records the agent's
+        // pid as the hypervisor's then, and so does vmoat.
+        if vm.pid().is_none() {
+            let pid = format!("{}\n", std::process::id());
+            if let Err(err) =
+                vmoat_profile::files::write_atomic(&self.paths.vz_pid(), pid.as_bytes())
+            {
+                tracing::warn!("cannot write {}: {err}", self.paths.vz_pid().display());
+            }
+        }
         let mut state = self.state.lock().expect("state lock");
         state.hypervisor_pid = vm.pid();
         state.adopted = adopted;
@@ -737,6 +747,7 @@ where
             self.paths.ha_sock(),
             self.paths.ha_pid(),
             self.paths.agent_identity(),
+            self.paths.vz_pid(),
         ] {
             let _ = std::fs::remove_file(path);
         }

@@ -17,10 +17,10 @@ use vmoat_profile::lock::{LockMode, ProfileLock};
 use vmoat_profile::status::{InstanceStatus, clean_stale, find_stale, instance_status};
 use vmoat_profile::yaml::{ColimaMount, ColimaYaml, LimaImage, LimaMount, LimaSsh, LimaYaml};
 use vmoat_profile::{OwnerRecord, ProfilePaths, Resolved};
-use vmoat_qemu::QemuDriver;
 
 use crate::context::Context;
 use crate::exit::{CmdResult, CodedError, Exit, WithExit};
+use crate::platform::{self, HostDriver};
 use crate::progress::Progress;
 use crate::vm;
 
@@ -48,7 +48,7 @@ pub fn ensure_running(ctx: &Context, keep_failed: bool, progress: Progress) -> C
     let config = ctx.config()?;
     let paths = &profile.paths;
 
-    let driver = QemuDriver::from_env();
+    let driver = platform::driver();
     check_host(&driver, config)?;
 
     let lock = ProfileLock::acquire(paths, LockMode::Exclusive, LOCK_WAIT, |waiting| {
@@ -93,7 +93,7 @@ pub fn ensure_running(ctx: &Context, keep_failed: bool, progress: Progress) -> C
 }
 
 /// Exit 5 when this host cannot run the VM, with every reason and its fix.
-fn check_host(driver: &QemuDriver, config: &Config) -> CmdResult<()> {
+fn check_host(driver: &HostDriver, config: &Config) -> CmdResult<()> {
     if let Some(kind) = config.vm_type.as_deref()
         && kind != VmType::default_for_host().as_str()
     {
@@ -235,7 +235,7 @@ impl Drop for Undo {
 fn create(
     ctx: &Context,
     rt: &tokio::runtime::Runtime,
-    driver: &QemuDriver,
+    driver: &HostDriver,
     profile: &Resolved,
     config: &Config,
     keep_failed: bool,
@@ -306,7 +306,7 @@ fn create(
 }
 
 fn make_disk(
-    driver: &QemuDriver,
+    driver: &HostDriver,
     paths: &ProfilePaths,
     image: &ResolvedImage,
     config: &Config,
@@ -420,7 +420,7 @@ fn mounts(ctx: &Context, config: &Config) -> CmdResult<Vec<Mount>> {
         .collect())
 }
 
-fn mount_type(driver: &QemuDriver, config: &Config) -> MountType {
+fn mount_type(driver: &HostDriver, config: &Config) -> MountType {
     match config.mount_type.as_deref() {
         Some("9p") => MountType::NineP,
         Some("virtiofs") => MountType::Virtiofs,
@@ -456,7 +456,7 @@ fn ssh_user(user: &GuestUser) -> String {
 /// changed since the creation apply at this start).
 fn settings_for(
     ctx: &Context,
-    driver: &QemuDriver,
+    driver: &HostDriver,
     profile: &Resolved,
     config: &Config,
 ) -> CmdResult<AgentSettings> {
@@ -493,7 +493,7 @@ fn settings_for(
         }
     };
 
-    let accel = driver.accel(arch);
+    let accel = platform::accel(driver);
     let spec = VmSpec {
         instance: paths.id.clone(),
         instance_dir: paths.instance_dir.clone(),
@@ -508,7 +508,7 @@ fn settings_for(
         network: Network {
             restricted: config.vm_network == NetworkMode::Restricted,
             ssh_host_port: 0,
-            mac: vmoat_driver::lima_mac(&vmoat_driver::host_machine_id(), &paths.instance_dir),
+            mac: vmoat_driver::lima_mac(&platform::machine_id(), &paths.instance_dir),
         },
         serial_log: paths.serial_log(),
     };
@@ -521,7 +521,7 @@ fn settings_for(
         ssh_key: key.path().to_owned(),
         host_key: host_key.trim().to_owned(),
         docker_socket: paths.docker_sock(),
-        timeouts: StageTimeouts::for_accel(accel.accel.map(|a| a.as_str()).unwrap_or("tcg")),
+        timeouts: StageTimeouts::for_accel(&accel),
     })
 }
 
@@ -581,11 +581,10 @@ fn write_profile_files(
 ) -> CmdResult<()> {
     let paths = &profile.paths;
     let arch = Arch::host();
-    let mount_type = config.mount_type.clone().unwrap_or_else(|| {
-        mount_type(&QemuDriver::from_env(), config)
-            .as_str()
-            .to_owned()
-    });
+    let mount_type = config
+        .mount_type
+        .clone()
+        .unwrap_or_else(|| mount_type(&platform::driver(), config).as_str().to_owned());
     let mounts = mounts(ctx, config)?;
     let fail = |e: vmoat_profile::FileError| CodedError::new(Exit::Failed, e);
 

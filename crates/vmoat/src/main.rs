@@ -8,6 +8,7 @@ mod exit;
 mod lifecycle;
 mod logging;
 mod output;
+mod platform;
 mod progress;
 mod seed;
 mod vm;

@@ -75,7 +75,7 @@ fn stop_orphan(paths: &vmoat_profile::ProfilePaths, grace: Duration) -> CmdResul
 
     let mut stopped = "cleaned up".to_owned();
     if let Ok(settings) = vmoat_agent::settings::AgentSettings::read(&paths.vm_spec()) {
-        let driver = vmoat_qemu::QemuDriver::from_env();
+        let driver = crate::platform::driver();
         if let Some(mut vm) = driver
             .adopt(&settings.spec)
             .map_err(|e| CodedError::new(Exit::Failed, e))?
