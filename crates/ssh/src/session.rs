@@ -17,12 +17,20 @@ use std::time::Duration;
 use russh::client::{self, Handle, Msg};
 use russh::keys::{PrivateKeyWithHashAlg, PublicKeyOrCertificate};
 use russh::{Channel, ChannelOpenFailure, cipher};
+use tokio::io::BufReader;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::error::{SshError, Stage};
 use crate::keys::{PublicKey, UserKey};
+
+/// Bytes read from the socket at once.
+const READ_BUFFER: usize = 256 * 1024;
+
+/// The receive window per channel: how much the server may send before we acknowledge. Large
+/// enough that a busy host's scheduling delays do not stall a forward.
+const WINDOW: u32 = 8 * 1024 * 1024;
 
 /// How a connection is made and kept alive.
 #[derive(Debug, Clone)]
@@ -117,6 +125,9 @@ impl Session {
             })?;
         // Small packets (keystrokes, exec requests) must not wait for Nagle.
         let _ = stream.set_nodelay(true);
+        // russh reads each packet with two exact reads (length block, then body); a read
+        // buffer turns those into one syscall per many packets. Writes stay unbuffered.
+        let stream = BufReader::with_capacity(READ_BUFFER, stream);
 
         let (closed_tx, closed_rx) = watch::channel(false);
         let offered = Arc::new(Mutex::new(None));
@@ -349,6 +360,7 @@ fn client_config(pinned: &PublicKey, options: &ConnectOptions) -> client::Config
         keepalive_interval: Some(options.keepalive_interval),
         keepalive_max: options.keepalive_max,
         nodelay: true,
+        window_size: WINDOW,
         preferred,
         ..client::Config::default()
     }

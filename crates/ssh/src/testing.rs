@@ -165,6 +165,10 @@ fn free_port() -> io::Result<u16> {
 }
 
 /// Write the config for `port` and start sshd; wait until it answers with its banner.
+///
+/// `SetEnv SHLVL=1`: Debian's bash sources `~/.bashrc` for every command sshd runs (it is
+/// built with SSH_SOURCE_BASHRC) unless it is a nested shell; the host user's rc files (say, a
+/// slow `pyenv init`) are no part of what tests and benches measure.
 fn spawn_sshd(dir: &Path, port: u16) -> io::Result<Child> {
     let config = format!(
         "Port {port}\n\
@@ -187,7 +191,8 @@ fn spawn_sshd(dir: &Path, port: u16) -> io::Result<Child> {
          UseDNS no\n\
          MaxSessions 1000\n\
          MaxStartups 1000\n\
-         LogLevel ERROR\n",
+         LogLevel ERROR\n\
+         SetEnv SHLVL=1\n",
         dir = dir.display()
     );
     let config_path = dir.join("sshd_config");
