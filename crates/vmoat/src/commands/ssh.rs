@@ -14,8 +14,8 @@ use crate::vm::{self, Terminal};
 /// Opens a shell or runs a command in the VM.
 pub fn run(ctx: &Context, args: SshArgs) -> CmdResult {
     let worktree = ctx.worktree()?;
-    let (profile, client) = vm::running(ctx)?;
 
+    // A usage error is one whatever state the VM is in, so it is found before the VM is asked.
     let (command, terminal) = match args.command.as_slice() {
         [] => {
             let terminal = Terminal::detect();
@@ -32,6 +32,7 @@ pub fn run(ctx: &Context, args: SshArgs) -> CmdResult {
         [line] => (line.clone(), Terminal::detect()),
         words => (vmoat_ssh::shell_join(words), Terminal::detect()),
     };
+    let (profile, client) = vm::running(ctx)?;
 
     let request = ExecRequest {
         command,
