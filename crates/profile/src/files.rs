@@ -56,6 +56,12 @@ pub enum FileError {
 }
 
 impl FileError {
+    /// Whether the file is there but its content is wrong (empty or malformed), as when it was
+    /// edited by hand or cut short: something the user fixes, unlike a failed read or write.
+    pub fn is_bad_content(&self) -> bool {
+        matches!(self, FileError::Empty { .. } | FileError::Malformed { .. })
+    }
+
     /// The file the error is about.
     pub fn path(&self) -> &Path {
         match self {
@@ -204,6 +210,12 @@ mod tests {
         let err = read_nonempty(&dir.join("empty")).unwrap_err();
         assert!(err.to_string().contains("is empty"), "{err}");
         assert_eq!(err.path(), dir.join("empty"));
+        assert!(err.is_bad_content());
+
+        // A file that cannot be read at all is not the user's content to fix.
+        let unreadable = read_nonempty(&dir).unwrap_err();
+        assert!(matches!(unreadable, FileError::Read { .. }), "{unreadable}");
+        assert!(!unreadable.is_bad_content());
         fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -129,8 +129,10 @@ impl Context {
         let vm_name = config.vm_name.as_deref();
         let resolved = vmoat_profile::resolve_name(home, worktree, &config.vm_prefix, vm_name)
             .map_err(|err| {
-                let exit = match err {
-                    ResolveError::Owner { .. } => Exit::Failed,
+                // A record edited by hand or cut short is bad input the user fixes (exit 2);
+                // a record that cannot be read at all is a host problem.
+                let exit = match &err {
+                    ResolveError::Owner { source, .. } if !source.is_bad_content() => Exit::Failed,
                     _ => Exit::Usage,
                 };
                 CodedError::new(exit, err)
