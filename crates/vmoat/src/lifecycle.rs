@@ -10,9 +10,9 @@ use vmoat_agent::protocol::{AgentStatus, Event, Phase};
 use vmoat_agent::settings::{AgentSettings, StageTimeouts};
 use vmoat_agent::spawn::{self, AgentFiles};
 use vmoat_cidata::{GuestUser, HostKey, Seed, SeedMount, User};
-use vmoat_config::{Config, NetworkMode};
+use vmoat_config::{Config, ImageChoice, NetworkMode, Source};
 use vmoat_driver::{Arch, Boot, DiskRequest, Driver, Mount, MountType, Network, VmSpec, VmType};
-use vmoat_image::ResolvedImage;
+use vmoat_image::{ImageError, ResolvedImage, Store};
 use vmoat_profile::lock::{LockMode, ProfileLock};
 use vmoat_profile::status::{InstanceStatus, clean_stale, find_stale, instance_status};
 use vmoat_profile::yaml::{ColimaMount, ColimaYaml, LimaImage, LimaMount, LimaSsh, LimaYaml};
@@ -50,6 +50,9 @@ pub fn ensure_running(ctx: &Context, keep_failed: bool, progress: Progress) -> C
 
     let driver = platform::driver();
     check_host(&driver, config)?;
+    if !paths.lima_yaml().exists() {
+        check_image_choice(config)?;
+    }
 
     let lock = ProfileLock::acquire(paths, LockMode::Exclusive, LOCK_WAIT, |waiting| {
         ctx.notice(format!("{waiting}"));
@@ -90,6 +93,45 @@ pub fn ensure_running(ctx: &Context, keep_failed: bool, progress: Progress) -> C
 
     rt.block_on(follow_boot(&client, &profile.name, progress))?;
     Ok(Running { client, lock })
+}
+
+/// Exit 2, before anything is written, when `VM_IMAGE` names no cached image or a path that is
+/// not a disk. The names vmoat fetches or builds itself (`colima`, `debian`) are checked when
+/// they are made.
+fn check_image_choice(config: &Config) -> CmdResult<()> {
+    let found = match &config.vm_image {
+        ImageChoice::Colima => return Ok(()),
+        ImageChoice::Named(name) if name == "colima" || name == "debian" => return Ok(()),
+        ImageChoice::Named(name) => match Store::new(&vmoat_image::cache_dir()).manifest(name) {
+            Ok(Some(_)) => return Ok(()),
+            Ok(None) => Err(ImageError::UnknownName { name: name.clone() }),
+            Err(err) => Err(err),
+        },
+        ImageChoice::Path(path) => vmoat_image::resolve_path(path, Arch::host()).map(|_| ()),
+    };
+    found.map_err(|err| image_choice_error(config, err))
+}
+
+/// An image error caused by what `VM_IMAGE` says, naming the file that set it.
+fn image_choice_error(config: &Config, err: ImageError) -> CodedError {
+    let origin = match config.sources.get("VM_IMAGE") {
+        Some(Source::File(file)) => format!(" in {}", file.display()),
+        _ => String::new(),
+    };
+    CodedError::new(
+        Exit::Usage,
+        anyhow::Error::new(err).context(format!("invalid VM_IMAGE{origin}")),
+    )
+}
+
+/// Whether an image error is about what `VM_IMAGE` names rather than the host or the network.
+fn is_bad_image_choice(err: &ImageError) -> bool {
+    matches!(
+        err,
+        ImageError::UnknownName { .. }
+            | ImageError::MissingPath { .. }
+            | ImageError::UnknownFormat { .. }
+    )
 }
 
 /// Exit 5 when this host cannot run the VM, with every reason and its fix.
@@ -252,6 +294,9 @@ fn create(
             &progress.for_images(),
         ))
         .map_err(|e| {
+            if is_bad_image_choice(&e) {
+                return image_choice_error(config, e);
+            }
             let exit = if e.is_download_failure() {
                 Exit::Image
             } else {
