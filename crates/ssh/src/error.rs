@@ -137,7 +137,7 @@ pub enum SshError {
     },
 
     /// The server answered a channel open or request with a refusal.
-    #[error("SSH server {addr} (user {user}) refused to {action}: {reason}")]
+    #[error("SSH server {addr} (user {user}) refused to {action} (stage channel): {reason}")]
     Refused {
         /// The SSH server's address.
         addr: SocketAddr,
@@ -219,6 +219,22 @@ pub enum SshError {
         /// The path in the way.
         path: PathBuf,
     },
+}
+
+impl SshError {
+    /// The stage of reaching the guest this error belongs to, if it is one: a caller waiting
+    /// for a booting guest retries `Connect` and `Handshake` failures and timeouts, but not a
+    /// host key mismatch or a refused key.
+    pub fn stage(&self) -> Option<Stage> {
+        match self {
+            SshError::Connect { .. } => Some(Stage::Connect),
+            SshError::Timeout { stage, .. } => Some(*stage),
+            SshError::Handshake { .. } | SshError::HostKeyMismatch { .. } => Some(Stage::Handshake),
+            SshError::AuthRejected { .. } | SshError::Auth { .. } => Some(Stage::Auth),
+            SshError::Channel { .. } | SshError::Refused { .. } => Some(Stage::Channel),
+            _ => None,
+        }
+    }
 }
 
 /// An error about an SSH key: the user key pair, a host key, or a public key string.

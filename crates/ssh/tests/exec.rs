@@ -367,6 +367,7 @@ async fn a_changed_host_key_is_refused() {
     let text = err.to_string();
     assert!(text.contains(&other.fingerprint()) && text.contains(&server.host_key().fingerprint()));
     assert!(text.contains(&server.addr().to_string()), "{text}");
+    assert_eq!(err.stage(), Some(vmoat_ssh::Stage::Handshake));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,6 +384,8 @@ async fn a_key_the_server_does_not_know_is_rejected_with_its_path() {
     );
     let err = within("connect", attempt).await.unwrap_err();
     assert!(matches!(err, SshError::AuthRejected { .. }), "{err:?}");
+    assert_eq!(err.stage(), Some(vmoat_ssh::Stage::Auth));
+    assert!(err.to_string().contains(server.user()), "{err}");
     assert!(
         err.to_string()
             .contains(&stranger.path().display().to_string()),
@@ -402,6 +405,8 @@ async fn nothing_listening_is_a_connect_error_naming_the_address() {
         .await
         .unwrap_err();
     assert!(matches!(err, SshError::Connect { .. }), "{err:?}");
+    assert_eq!(err.stage(), Some(vmoat_ssh::Stage::Connect));
+    assert!(err.to_string().contains("as me"), "{err}");
     assert!(err.to_string().contains(&addr.to_string()));
 }
 
