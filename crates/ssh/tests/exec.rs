@@ -426,4 +426,12 @@ async fn the_user_key_is_one_openssh_reads() {
     );
     let derived = vmoat_ssh::PublicKey::parse(&String::from_utf8(out.stdout).unwrap()).unwrap();
     assert_eq!(&derived, server.user_key().public_key());
+
+    // The modes Lima's ssh-keygen gives the pair, which OpenSSH insists on.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let key = server.user_key_path();
+    assert_eq!(mode(&key), 0o600);
+    assert_eq!(mode(&key.with_extension("pub")), 0o644);
+    assert_eq!(mode(key.parent().unwrap()), 0o700);
 }
