@@ -33,6 +33,10 @@ packages=$(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$recipe/packages.txt" | tr -
     paste -sd, -)
 packages="$packages,$kernel_pkg"
 
+# The paths the recipe's own files land on in the image. sync-in keeps the builder's owner and
+# mode (a rootless build would leave /etc owned by the builder's uid), so a hook resets them.
+owned=$(cd "$recipe/files" && find . -mindepth 1 -printf '/%P ')
+
 mkdir -p "$work"
 rm -rf "${work:?}"/rootfs "$work/rootfs.tar"
 
@@ -59,6 +63,8 @@ mmdebstrap \
     --include="$packages" \
     --customize-hook='echo "==> configure: files, networkd, no keys, no machine-id"' \
     --customize-hook="sync-in '$recipe/files' /" \
+    --customize-hook="for p in $owned; do chown -h 0:0 \"\$1\$p\"; \
+        if [ -d \"\$1\$p\" ]; then chmod 0755 \"\$1\$p\"; else chmod 0644 \"\$1\$p\"; fi; done" \
     --customize-hook='chroot "$1" systemctl enable systemd-networkd.service' \
     --customize-hook='rm -f "$1"/etc/ssh/ssh_host_*' \
     --customize-hook=': > "$1/etc/machine-id"; rm -f "$1/var/lib/dbus/machine-id"' \

@@ -84,6 +84,18 @@ fn inspect_root_fs(qcow2: &Path) {
     let label = run("/sbin/e2label", &[path(&raw)]);
     assert_eq!(label.trim(), "vmoat-root");
 
+    for dir in [
+        "/etc",
+        "/etc/ssh",
+        "/etc/ssh/sshd_config.d",
+        "/etc/cloud/cloud.cfg.d",
+    ] {
+        let stat = debugfs(&raw, &format!("stat {dir}"));
+        assert!(
+            stat.contains("User:     0   Group:     0"),
+            "{dir} is not root's:\n{stat}"
+        );
+    }
     let ssh = names(&raw, "/etc/ssh");
     assert!(ssh.contains(&"sshd_config".to_owned()), "{ssh:?}");
     assert!(
