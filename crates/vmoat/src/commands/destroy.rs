@@ -47,7 +47,16 @@ pub fn run(ctx: &Context, args: DestroyArgs) -> CmdResult {
     )
     .exit_with(Exit::Failed)?;
 
-    let stopped = down::stop(ctx, GRACE)?;
+    // A profile or instance dir that is a symlink points outside the Colima home: the VM is
+    // stopped, but the files a dead run left there are not cleaned, since only the links go.
+    let linked = [&paths.instance_dir, &paths.profile_dir]
+        .iter()
+        .any(|dir| std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()));
+    let stopped = if linked {
+        down::stop_vm(ctx, GRACE)?
+    } else {
+        down::stop(ctx, GRACE)?
+    };
     tracing::info!("VM {}: {stopped}", profile.name);
 
     remove_inside(&paths.instance_dir, home.lima_home())?;

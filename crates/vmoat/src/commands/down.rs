@@ -35,8 +35,22 @@ pub fn run(ctx: &Context) -> CmdResult {
     Ok(Exit::Ok)
 }
 
-/// Stops the VM whatever state it is in (the caller holds the lock) and says what happened.
+/// Stops the VM whatever state it is in (the caller holds the lock), removes the pid and
+/// socket files a dead run left, and says what happened.
 pub fn stop(ctx: &Context, grace: Duration) -> CmdResult<String> {
+    let outcome = stop_vm(ctx, grace)?;
+
+    let paths = &ctx.profile()?.paths;
+    let stale = find_stale(paths);
+    if !stale.is_empty() {
+        clean_stale(&stale).map_err(|e| CodedError::new(Exit::Failed, e))?;
+    }
+    Ok(outcome)
+}
+
+/// Stops the VM whatever state it is in (the caller holds the lock), deleting nothing, and
+/// says what happened.
+pub fn stop_vm(ctx: &Context, grace: Duration) -> CmdResult<String> {
     let profile = ctx.profile()?;
     let paths = &profile.paths;
     let rt = vm::runtime()?;
@@ -60,11 +74,6 @@ pub fn stop(ctx: &Context, grace: Duration) -> CmdResult<String> {
             stop_orphan(paths, grace)?
         }
     };
-
-    let stale = find_stale(paths);
-    if !stale.is_empty() {
-        clean_stale(&stale).map_err(|e| CodedError::new(Exit::Failed, e))?;
-    }
     Ok(outcome)
 }
 
