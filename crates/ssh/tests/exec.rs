@@ -264,7 +264,7 @@ async fn interactive_shell_runs_typed_commands() {
     };
 
     let mut exec = session
-        .exec(ExecRequest::shell().cwd(dir.path()).pty(pty))
+        .exec(ExecRequest::shell().cwd(dir.path()).pty(pty.clone()))
         .await
         .unwrap();
     exec.stdin
@@ -282,6 +282,15 @@ async fn interactive_shell_runs_typed_commands() {
         text.contains(&format!("in:{}", dir.path().display())),
         "{text}"
     );
+
+    // Without a directory or variables it is sshd's own shell request.
+    let mut exec = session.exec(ExecRequest::shell().pty(pty)).await.unwrap();
+    exec.stdin.write_all(b"exit 4\n").await.unwrap();
+    let mut out = Vec::new();
+    within("plain shell", exec.stdout.read_to_end(&mut out))
+        .await
+        .unwrap();
+    assert_eq!(within("exit", exec.exit).await.unwrap().code, Some(4));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
