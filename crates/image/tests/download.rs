@@ -349,3 +349,61 @@ async fn no_server_is_an_unreachable_error_suggesting_debian() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_whole_partial_left_by_a_kill_before_the_rename_is_finished_without_refetching() {
+    let (_, gz) = gz_disk(1 << 20, 8);
+    let server = Server::start();
+    server.route("/img.raw.gz", Reply::File(gz.clone()));
+    let url = server.url("/img.raw.gz");
+    let dirs = Dirs::new();
+    let entry = lima_entry_dir(&dirs.lima(), &url);
+    fs::create_dir_all(&entry).unwrap();
+    fs::write(entry.join("data.part"), &gz).unwrap();
+
+    let fetched = Fetcher::new(dirs.lima())
+        .fetch(
+            FetchRequest {
+                url: &url,
+                sha512: Some(&sha512_hex(&gz)),
+                unpack_to: None,
+            },
+            &Progress::hidden(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(fs::read(&fetched.data).unwrap(), gz);
+    let gets = server.gets("/img.raw.gz");
+    assert_eq!(gets.len(), 1);
+    assert_eq!(
+        gets[0].status, 416,
+        "the resume asked past the end: {gets:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_partial_of_another_version_is_discarded_and_fetched_whole() {
+    let (raw, gz) = gz_disk(1 << 20, 9);
+    let server = Server::start();
+    server.route("/img.raw.gz", Reply::File(gz.clone()));
+    let url = server.url("/img.raw.gz");
+    let dirs = Dirs::new();
+
+    // Left over from an older file at this URL: its ETag no longer matches.
+    let entry = lima_entry_dir(&dirs.lima(), &url);
+    fs::create_dir_all(&entry).unwrap();
+    fs::write(entry.join("data.part"), vec![0xeeu8; gz.len() / 3]).unwrap();
+    fs::write(entry.join("etag"), "\"older-version\"").unwrap();
+
+    let image = ensure(&dirs, &catalog(&url, &sha512_hex(&gz)))
+        .await
+        .unwrap();
+    assert_eq!(fs::read(&image.disk).unwrap(), raw);
+    let gets = server.gets("/img.raw.gz");
+    assert_eq!(gets.len(), 1);
+    assert!(gets[0].range.is_some(), "a resume was tried: {gets:?}");
+    assert_eq!(
+        gets[0].status, 200,
+        "If-Range made the server send it whole"
+    );
+}
