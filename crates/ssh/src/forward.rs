@@ -32,6 +32,22 @@ use crate::session::Session;
 /// other channel (see the crate docs), so a peer that stopped reading must not keep it forever.
 pub const LOCAL_STALL_LIMIT: Duration = Duration::from_secs(30);
 
+/// How a forward treats its connections.
+#[derive(Debug, Clone)]
+pub struct ForwardOptions {
+    /// How long a local peer may refuse data before its connection is dropped; see
+    /// [`LOCAL_STALL_LIMIT`] for why there is a limit at all.
+    pub stall_limit: Duration,
+}
+
+impl Default for ForwardOptions {
+    fn default() -> ForwardOptions {
+        ForwardOptions {
+            stall_limit: LOCAL_STALL_LIMIT,
+        }
+    }
+}
+
 /// The upload chunk: an SSH packet's worth, so reads map onto packets.
 const CHUNK: usize = 32 * 1024;
 
@@ -228,6 +244,18 @@ pub async fn forward_tcp(
     guest_host: impl Into<String>,
     guest_port: u16,
 ) {
+    let options = ForwardOptions::default();
+    forward_tcp_with(listener, sessions, guest_host, guest_port, options).await;
+}
+
+/// [`forward_tcp`] with explicit [`ForwardOptions`].
+pub async fn forward_tcp_with(
+    listener: TcpListener,
+    sessions: impl Into<SessionSource>,
+    guest_host: impl Into<String>,
+    guest_port: u16,
+    options: ForwardOptions,
+) {
     let sessions = sessions.into();
     let target = Target::Tcp(guest_host.into(), guest_port);
     let local = listener
@@ -241,7 +269,8 @@ pub async fn forward_tcp(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let task = carry(stream, Some(peer), sessions.clone(), target.clone());
+                    let (sessions, target) = (sessions.clone(), target.clone());
+                    let task = carry(stream, Some(peer), sessions, target, options.clone());
                     connections.spawn(task);
                 }
                 Err(e) => accept_failed(&local, e).await,
@@ -373,6 +402,16 @@ pub async fn forward_unix(
     sessions: impl Into<SessionSource>,
     guest_path: impl Into<String>,
 ) {
+    forward_unix_with(listener, sessions, guest_path, ForwardOptions::default()).await;
+}
+
+/// [`forward_unix`] with explicit [`ForwardOptions`].
+pub async fn forward_unix_with(
+    listener: PrivateUnixListener,
+    sessions: impl Into<SessionSource>,
+    guest_path: impl Into<String>,
+    options: ForwardOptions,
+) {
     let sessions = sessions.into();
     let target = Target::Unix(guest_path.into());
     let local = listener.path.display().to_string();
@@ -382,7 +421,8 @@ pub async fn forward_unix(
         tokio::select! {
             accepted = listener.listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    connections.spawn(carry(stream, None, sessions.clone(), target.clone()));
+                    let (sessions, target) = (sessions.clone(), target.clone());
+                    connections.spawn(carry(stream, None, sessions, target, options.clone()));
                 }
                 Err(e) => accept_failed(&local, e).await,
             },
@@ -398,8 +438,13 @@ async fn accept_failed(local: &str, error: io::Error) {
 }
 
 /// Carry one local connection to `target` over a new channel.
-async fn carry<S>(local: S, peer: Option<SocketAddr>, sessions: SessionSource, target: Target)
-where
+async fn carry<S>(
+    local: S,
+    peer: Option<SocketAddr>,
+    sessions: SessionSource,
+    target: Target,
+    options: ForwardOptions,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let Some(session) = sessions.current().filter(|s| !s.is_closed()) else {
@@ -419,15 +464,31 @@ where
         }
     };
 
-    match pump(local, tunnel).await {
+    match pump_with(local, tunnel, options.stall_limit).await {
         Ok((up, down)) => tracing::debug!(%target, up, down, "forwarded connection done"),
+        Err(error) if error.kind() == io::ErrorKind::TimedOut => {
+            tracing::warn!(%target, %error, "dropped a forwarded connection");
+        }
         Err(error) => tracing::debug!(%target, %error, "forwarded connection ended with an error"),
     }
 }
 
 /// Copy both directions between `local` and `tunnel` with half-close; returns the bytes sent
-/// up (to the guest) and down.
+/// up (to the guest) and down. A local peer that refuses data for [`LOCAL_STALL_LIMIT`] ends
+/// it with `TimedOut`.
 pub async fn pump<S>(local: S, tunnel: TunnelStream) -> io::Result<(u64, u64)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    pump_with(local, tunnel, LOCAL_STALL_LIMIT).await
+}
+
+/// [`pump`] with an explicit stall limit.
+pub async fn pump_with<S>(
+    local: S,
+    tunnel: TunnelStream,
+    stall_limit: Duration,
+) -> io::Result<(u64, u64)>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -453,7 +514,7 @@ where
         let mut total = 0u64;
         while let Some(chunk) = tunnel_read.recv().await? {
             let write = local_write.write_all(&chunk);
-            match tokio::time::timeout(LOCAL_STALL_LIMIT, write).await {
+            match tokio::time::timeout(stall_limit, write).await {
                 Ok(written) => written?,
                 Err(_) => {
                     return Err(io::Error::new(

@@ -56,8 +56,9 @@ pub use exec::{
     PtyRequest, PtySize, signal_number,
 };
 pub use forward::{
-    LOCAL_STALL_LIMIT, PrivateUnixListener, SessionSource, TunnelReader, TunnelStream,
-    TunnelWriter, forward_tcp, forward_unix, pump,
+    ForwardOptions, LOCAL_STALL_LIMIT, PrivateUnixListener, SessionSource, TunnelReader,
+    TunnelStream, TunnelWriter, forward_tcp, forward_tcp_with, forward_unix, forward_unix_with,
+    pump, pump_with,
 };
 pub use keys::{
     HostKeyPair, PublicKey, USER_KEY_COMMENT, USER_KEY_FILE, USER_PUBLIC_KEY_FILE, UserKey,

@@ -6,12 +6,16 @@ mod common;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
+use std::time::Duration;
 
 use common::{Noise, sha256_hex, sshd, within};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use vmoat_ssh::{PrivateUnixListener, SshError, forward_tcp, forward_unix};
+use vmoat_ssh::{
+    ExecRequest, ForwardOptions, PrivateUnixListener, SshError, forward_tcp, forward_tcp_with,
+    forward_unix,
+};
 
 /// Serve `conn` as an echo, then close.
 async fn echo<S: AsyncRead + AsyncWrite + Unpin>(mut conn: S) {
@@ -290,4 +294,65 @@ async fn a_non_socket_in_the_way_is_never_removed() {
     assert!(matches!(err, SshError::NotASocket { .. }), "{err:?}");
     assert!(err.to_string().contains(&path.display().to_string()));
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_peer_that_stops_reading_is_dropped_so_the_session_flows_again() {
+    let server = sshd();
+    let session = within("connect", server.connect()).await.unwrap();
+
+    // A source that sends for as long as anyone takes its bytes.
+    let source = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let source_port = source.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = source.accept().await {
+            tokio::spawn(async move {
+                let block = Noise::bytes(9, 1 << 20);
+                while conn.write_all(&block).await.is_ok() {}
+            });
+        }
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let options = ForwardOptions {
+        stall_limit: Duration::from_secs(2),
+    };
+    let forward = tokio::spawn(forward_tcp_with(
+        listener,
+        session.clone(),
+        "127.0.0.1",
+        source_port,
+        options,
+    ));
+
+    // Connect and read nothing: the socket buffers fill, then the channel's, then the
+    // connection's loop waits on this channel (russh), which would hold up this exec forever.
+    let mut stalled = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let out = tokio::time::timeout(
+        Duration::from_secs(300),
+        session.output(ExecRequest::command("echo flowing")),
+    )
+    .await
+    .expect("the exec stayed blocked behind the stalled forward")
+    .unwrap();
+    assert_eq!(out.stdout, b"flowing\n");
+
+    // The stalled connection was dropped: reading it now ends (EOF or reset), finitely.
+    let mut sink = vec![0u8; 1 << 20];
+    let drained = within("drain the dropped connection", async {
+        let mut total = 0usize;
+        loop {
+            match stalled.read(&mut sink).await {
+                Ok(0) | Err(_) => break total,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
+    assert!(
+        drained < 1 << 30,
+        "{drained} bytes: the connection was never dropped"
+    );
+    forward.abort();
 }
