@@ -406,7 +406,26 @@ async fn download(
         }
         let task = progress.bytes(&what, total, offset);
 
-        let writer = Writer::open(&part, resuming, offset, unpack_to, url)?;
+        // Kept bytes that do not unpack or do not verify after a resume are discarded, and one
+        // clean download from the start decides (a server may have ignored If-Range).
+        let restart = |why: &str| -> Result<(), ImageError> {
+            remove_if_exists(&part)?;
+            discard_unpacked(unpack_to);
+            progress.note(&format!(
+                "{} {why} after resuming; starting over",
+                file_name(url)
+            ));
+            Ok(())
+        };
+
+        let writer = match Writer::open(&part, resuming, offset, unpack_to, url) {
+            Err(ImageError::Unpack { .. }) if resuming => {
+                restart("did not unpack")?;
+                offset = 0;
+                continue;
+            }
+            other => other?,
+        };
         let (received, result) = stream_into(response, writer, task).await;
         let mut state = match result {
             Ok(state) => state,
@@ -418,6 +437,11 @@ async fn download(
                     source,
                 });
             }
+            Err(StreamError::Local(ImageError::Unpack { .. })) if resuming => {
+                restart("did not unpack")?;
+                offset = 0;
+                continue;
+            }
             Err(StreamError::Local(err)) => {
                 discard_unpacked(unpack_to);
                 return Err(err);
@@ -427,6 +451,11 @@ async fn download(
         let actual = hex::encode(state.hasher.finalize_reset());
         if actual != expected {
             drop(state);
+            if resuming {
+                restart("did not verify")?;
+                offset = 0;
+                continue;
+            }
             remove_if_exists(&part)?;
             discard_unpacked(unpack_to);
             return Err(ImageError::DigestMismatch {

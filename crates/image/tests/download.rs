@@ -407,3 +407,52 @@ async fn a_partial_of_another_version_is_discarded_and_fetched_whole() {
         "If-Range made the server send it whole"
     );
 }
+
+#[tokio::test]
+async fn a_resume_that_does_not_verify_starts_over_once() {
+    let (raw, gz) = gz_disk(1 << 20, 10);
+    let server = Server::start();
+    server.route("/img.raw.gz", Reply::File(gz.clone()));
+    let url = server.url("/img.raw.gz");
+    let dirs = Dirs::new();
+
+    // Damaged kept bytes with a validator the server accepts: the resumed file cannot verify.
+    let entry = lima_entry_dir(&dirs.lima(), &url);
+    fs::create_dir_all(&entry).unwrap();
+    fs::write(entry.join("data.part"), vec![0x11u8; gz.len() / 2]).unwrap();
+    fs::write(entry.join("etag"), server::etag(&gz)).unwrap();
+
+    let image = ensure(&dirs, &catalog(&url, &sha512_hex(&gz)))
+        .await
+        .unwrap();
+    assert_eq!(fs::read(&image.disk).unwrap(), raw);
+    let statuses: Vec<u16> = server
+        .gets("/img.raw.gz")
+        .iter()
+        .map(|g| g.status)
+        .collect();
+    assert_eq!(statuses, [206, 200]);
+
+    // Without unpacking, the same bad resume is caught by the digest.
+    let lima = dirs.tmp.path().join("lima-plain");
+    let entry = lima_entry_dir(&lima, &url);
+    fs::create_dir_all(&entry).unwrap();
+    fs::write(entry.join("data.part"), vec![0x11u8; gz.len() / 2]).unwrap();
+    fs::write(entry.join("etag"), server::etag(&gz)).unwrap();
+    let request = FetchRequest {
+        url: &url,
+        sha512: Some(&sha512_hex(&gz)),
+        unpack_to: None,
+    };
+    let fetched = Fetcher::new(&lima)
+        .fetch(request, &Progress::hidden())
+        .await
+        .unwrap();
+    assert_eq!(fs::read(&fetched.data).unwrap(), gz);
+    let statuses: Vec<u16> = server
+        .gets("/img.raw.gz")
+        .iter()
+        .map(|g| g.status)
+        .collect();
+    assert_eq!(statuses, [206, 200, 206, 200]);
+}
