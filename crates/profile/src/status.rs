@@ -13,7 +13,7 @@ use crate::agent_http;
 use crate::files::{self, FileError};
 use crate::layout::ProfilePaths;
 use crate::process::{self, Identity};
-use crate::yaml::LimaYaml;
+use crate::yaml::{ColimaYaml, LimaYaml};
 
 /// An instance's state.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -309,14 +309,16 @@ pub fn find_stale(paths: &ProfilePaths) -> Vec<StaleFile> {
         add(pid_file, &reason);
         add(paths.qmp_sock(), &reason);
         add(paths.serial_sock(), &reason);
-        for sock in virtiofsd_sockets(&paths.instance_dir) {
-            add(sock, &reason);
+        for file in virtiofsd_files(&paths.instance_dir) {
+            add(file, &reason);
         }
     }
     stale
 }
 
-fn virtiofsd_sockets(dir: &Path) -> Vec<PathBuf> {
+/// virtiofsd's sockets and pid files: the driver's `virtiofsd-0.pid` and the one virtiofsd
+/// itself writes beside its socket, `virtiofsd-0.sock.pid`.
+fn virtiofsd_files(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -325,11 +327,28 @@ fn virtiofsd_sockets(dir: &Path) -> Vec<PathBuf> {
         .map(|e| e.path())
         .filter(|p| {
             let name = p.file_name().unwrap_or_default().to_string_lossy();
-            name.starts_with("virtiofsd-") && name.ends_with(".sock")
+            name.starts_with("virtiofsd-") && (name.ends_with(".sock") || name.ends_with(".pid"))
         })
         .collect();
     found.sort();
     found
+}
+
+/// The profile's YAML files that exist but cannot be read as what they are (cut short, edited
+/// into bad syntax, a value of the wrong type): `lima.yaml` and both `colima.yaml` copies.
+/// Colima's and Lima's tools would fail on them as well, so vmoat reports them rather than
+/// starting the VM over them; nothing is changed.
+pub fn broken_files(paths: &ProfilePaths) -> Vec<FileError> {
+    let mut broken = Vec::new();
+    if let Err(err) = LimaYaml::read(&paths.lima_yaml()) {
+        broken.push(err);
+    }
+    for path in [paths.colima_yaml(), paths.state_colima_yaml()] {
+        if let Err(err) = ColimaYaml::read(&path) {
+            broken.push(err);
+        }
+    }
+    broken
 }
 
 /// Removes the given stale files (already-removed ones are fine).
@@ -549,6 +568,11 @@ mod tests {
         }
         std::fs::create_dir_all(&f.paths.profile_dir).unwrap();
         drop(UnixListener::bind(f.paths.docker_sock()).unwrap());
+        // virtiofsd's pid files: the driver's, and the one virtiofsd writes itself.
+        let instance = &f.paths.instance_dir;
+        std::fs::write(instance.join("virtiofsd-0.pid"), format!("{qemu}\n")).unwrap();
+        std::fs::write(instance.join("virtiofsd-0.sock.pid"), format!("{qemu}\n")).unwrap();
+        std::fs::write(instance.join("virtiofsd-0.log"), "kept\n").unwrap();
 
         // A crash: both processes die without cleaning up.
         for child in &mut f.children.0 {
@@ -566,7 +590,9 @@ mod tests {
             "docker.sock",
             "qemu.pid",
             "qmp.sock",
+            "virtiofsd-0.pid",
             "virtiofsd-0.sock",
+            "virtiofsd-0.sock.pid",
         ];
         assert_eq!(names, expected);
         assert!(
@@ -583,6 +609,36 @@ mod tests {
         clean_stale(&stale).unwrap();
         assert!(find_stale(&f.paths).is_empty());
         assert!(f.paths.lima_yaml().exists(), "only stale files go");
+        assert!(instance.join("virtiofsd-0.log").exists(), "logs stay");
+    }
+
+    #[test]
+    fn yaml_files_cut_short_or_mangled_are_broken_and_left_alone() {
+        let f = fixture("brokenyaml");
+        assert!(broken_files(&f.paths).is_empty(), "a sound profile");
+
+        // Unknown keys (a newer Colima) are not a problem.
+        std::fs::create_dir_all(&f.paths.profile_dir).unwrap();
+        std::fs::write(f.paths.colima_yaml(), "cpu: 2\nfutureKey: {a: 1}\n").unwrap();
+        assert!(broken_files(&f.paths).is_empty());
+
+        let cut = "vmType: qemu\nimages:\n- location: \"/tmp/disk";
+        std::fs::write(f.paths.lima_yaml(), cut).unwrap();
+        std::fs::write(f.paths.state_colima_yaml(), "").unwrap();
+        std::fs::write(f.paths.colima_yaml(), "cpu: [2\n").unwrap();
+
+        let broken = broken_files(&f.paths);
+        let paths: Vec<_> = broken.iter().map(FileError::path).collect();
+        assert_eq!(
+            paths,
+            [
+                f.paths.lima_yaml(),
+                f.paths.colima_yaml(),
+                f.paths.state_colima_yaml()
+            ]
+        );
+        assert!(broken.iter().all(FileError::is_bad_content), "{broken:?}");
+        assert_eq!(std::fs::read_to_string(f.paths.lima_yaml()).unwrap(), cut);
     }
 
     #[test]
