@@ -174,7 +174,7 @@ pub(crate) fn stop_all(daemons: &mut [Virtiofsd]) {
 
 impl Virtiofsd {
     /// Stops the daemon (SIGTERM to its group, then SIGKILL) unless it already exited, and
-    /// removes its pid file and socket.
+    /// removes its pid files and socket.
     ///
     /// The group is signalled only while its leader is known to be ours: a child not yet
     /// reaped keeps its pid (and so the group id) reserved; an adopted daemon is checked by
@@ -197,6 +197,10 @@ impl Virtiofsd {
 
         remove_if_exists(&self.pid_file);
         remove_if_exists(&self.socket);
+        // virtiofsd's own pid file beside its socket, which a killed daemon leaves behind.
+        let mut own_pid_file = self.socket.clone().into_os_string();
+        own_pid_file.push(".pid");
+        remove_if_exists(Path::new(&own_pid_file));
     }
 }
 
