@@ -14,7 +14,9 @@ use vmoat_config::{Config, ImageChoice, NetworkMode, Source};
 use vmoat_driver::{Arch, Boot, DiskRequest, Driver, Mount, MountType, Network, VmSpec, VmType};
 use vmoat_image::{ImageError, ResolvedImage, Store};
 use vmoat_profile::lock::{LockMode, ProfileLock};
-use vmoat_profile::status::{InstanceStatus, clean_stale, find_stale, instance_status};
+use vmoat_profile::status::{
+    InstanceStatus, broken_files, clean_stale, find_stale, instance_status,
+};
 use vmoat_profile::yaml::{ColimaMount, ColimaYaml, LimaImage, LimaMount, LimaSsh, LimaYaml};
 use vmoat_profile::{OwnerRecord, ProfilePaths, Resolved};
 
@@ -68,6 +70,7 @@ pub fn ensure_running(ctx: &Context, keep_failed: bool, progress: Progress) -> C
         return Ok(Running { client, lock });
     }
 
+    check_profile_files(ctx, paths)?;
     repair_stale(ctx, paths)?;
 
     let created = paths.lima_yaml().exists();
@@ -166,6 +169,81 @@ fn check_host(driver: &HostDriver, config: &Config) -> CmdResult<()> {
             reasons.join("\n  ")
         ),
     ))
+}
+
+/// Exit 2 when the files of a created VM cannot be used as they are: a YAML file cut short or
+/// edited into bad syntax, a `lima.yaml` for a VM type vmoat does not run here (made by a
+/// newer Colima or another tool), or a disk without its `lima.yaml`. Nothing is changed; the
+/// message names the file and the way out. A creation cut short before its first boot (a
+/// killed `vmoat up`) is not an error: it is removed here and made again.
+fn check_profile_files(ctx: &Context, paths: &ProfilePaths) -> CmdResult<()> {
+    let name = &paths.name;
+    let start_over = "or `vmoat destroy -f` to delete the VM and start over";
+
+    if !paths.lima_yaml().exists() {
+        let disk = [paths.diffdisk(), paths.disk()]
+            .into_iter()
+            .find(|d| d.symlink_metadata().is_ok());
+        let Some(disk) = disk else {
+            return Ok(());
+        };
+        let real_dir = paths
+            .instance_dir
+            .symlink_metadata()
+            .is_ok_and(|m| m.is_dir());
+        if real_dir && !paths.serial_log().exists() {
+            ctx.notice(format!(
+                "VM {name}: removing a creation cut short before its first boot ({})",
+                paths.instance_dir.display()
+            ));
+            return std::fs::remove_dir_all(&paths.instance_dir).map_err(|e| {
+                CodedError::msg(
+                    Exit::Failed,
+                    format!("cannot remove {}: {e}", paths.instance_dir.display()),
+                )
+            });
+        }
+        return Err(CodedError::msg(
+            Exit::Usage,
+            format!(
+                "VM {name} has a disk ({}) but no {}; restore that file, {start_over}",
+                disk.display(),
+                paths.lima_yaml().display()
+            ),
+        ));
+    }
+
+    if let Some(err) = broken_files(paths).into_iter().next() {
+        let exit = if err.is_bad_content() {
+            Exit::Usage
+        } else {
+            Exit::Failed
+        };
+        let context = format!(
+            "VM {name} cannot start over a broken profile file (to start over instead, `vmoat \
+             destroy -f` deletes the VM)"
+        );
+        return Err(CodedError::new(
+            exit,
+            anyhow::Error::new(err).context(context),
+        ));
+    }
+
+    let lima = LimaYaml::read(&paths.lima_yaml()).ok().flatten();
+    let ours = VmType::default_for_host();
+    if let Some(kind) = lima.and_then(|l| l.vm_type)
+        && kind != ours.as_str()
+    {
+        return Err(CodedError::msg(
+            Exit::Usage,
+            format!(
+                "VM {name}: {} says vmType: {kind}, and vmoat runs {ours} VMs on this host (was \
+                 it made by a newer Colima?); start it with the tool that made it, {start_over}",
+                paths.lima_yaml().display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Removes pid and socket files a dead run left, and says which.
