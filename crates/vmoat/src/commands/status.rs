@@ -9,7 +9,7 @@ use vmoat_agent::client::AgentClient;
 use vmoat_agent::exec_client;
 use vmoat_agent::protocol::{AgentStatus, ExecRequest, LastExit, ProbeResult, Tunnel};
 use vmoat_profile::OwnerRecord;
-use vmoat_profile::status::{InstanceStatus, find_stale, instance_status};
+use vmoat_profile::status::{InstanceStatus, broken_files, find_stale, instance_status};
 
 use crate::context::Context;
 use crate::exit::{CmdResult, Exit};
@@ -46,6 +46,8 @@ struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     last_exit: Option<LastExit>,
     stale_files: Vec<String>,
+    /// Profile files that exist but cannot be read (edited by hand, cut short), each with why.
+    broken_files: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -101,6 +103,10 @@ pub fn run(ctx: &Context) -> CmdResult {
         tunnels: Vec::new(),
         last_exit: None,
         stale_files: find_stale(paths).iter().map(|s| s.to_string()).collect(),
+        broken_files: broken_files(paths)
+            .into_iter()
+            .map(|e| format!("{:#}", anyhow::Error::new(e)))
+            .collect(),
     };
 
     if status.is_running() {
@@ -271,6 +277,9 @@ fn print_text(report: &Report) {
         for line in last.serial_tail.iter().rev().take(5).rev() {
             lines.push(format!("           | {line}"));
         }
+    }
+    for broken in &report.broken_files {
+        lines.push(format!("broken:    {broken}"));
     }
     for stale in &report.stale_files {
         lines.push(format!(
