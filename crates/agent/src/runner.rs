@@ -123,6 +123,11 @@ where
 {
     /// Runs the agent of the profile at `paths` with `driver` until its VM ends. Blocks.
     pub fn run(paths: ProfilePaths, driver: D, accel: String) -> Result<(), AgentError> {
+        // Everything this process and its children (qemu, virtiofsd) create is for this user
+        // alone: qemu makes qmp.sock and serial.sock with the inherited umask, and those
+        // sockets control the VM.
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+
         let settings = AgentSettings::read(&paths.vm_spec())?;
         let keys = |source| AgentError::Keys {
             profile: settings.profile.clone(),
