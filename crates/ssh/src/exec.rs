@@ -738,4 +738,18 @@ mod tests {
         let json = serde_json::to_string(&status).unwrap();
         assert_eq!(serde_json::from_str::<ExitStatus>(&json).unwrap(), status);
     }
+
+    /// Compile-time check: the agent moves these into its own tasks.
+    #[test]
+    fn parts_can_move_between_tasks() {
+        fn movable<T: Send + 'static>() {}
+        fn shareable<T: Send + Sync + Clone + 'static>() {}
+        movable::<Exec>();
+        movable::<ExitFuture>();
+        movable::<crate::TunnelStream>();
+        movable::<crate::TunnelReader>();
+        movable::<crate::TunnelWriter>();
+        shareable::<Session>();
+        shareable::<ExecControl>();
+    }
 }
