@@ -98,6 +98,25 @@ pub fn exe_of(pid: u32) -> Option<PathBuf> {
         .and_then(|info| info.exe)
 }
 
+/// The command-line arguments of a live process, where the platform shows them (Linux:
+/// `/proc/<pid>/cmdline`); `None` when it does not, or the process is gone.
+pub fn args_of(pid: u32) -> Option<Vec<String>> {
+    if !cfg!(target_os = "linux") {
+        return None;
+    }
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    if raw.is_empty() {
+        // A zombie or a kernel thread: no arguments to go by.
+        return None;
+    }
+    Some(
+        raw.split(|&b| b == 0)
+            .filter(|arg| !arg.is_empty())
+            .map(|arg| String::from_utf8_lossy(arg).into_owned())
+            .collect(),
+    )
+}
+
 /// Writes an identity record atomically (the agent calls this with its own identity).
 pub fn write_identity(path: &Path, identity: &Identity) -> Result<(), FileError> {
     let mut text = serde_json::to_string_pretty(identity).expect("JSON of plain data");

@@ -196,10 +196,37 @@ pub fn driver_state(paths: &ProfilePaths) -> (PathBuf, PidState) {
             Ok(Some(identity)) if identity.pid == pid => identity_state(pid, &identity),
             _ => pid_only_state(pid, None),
         },
-        Ok(Some(pid)) => pid_only_state(pid, Some("qemu")),
+        Ok(Some(pid)) => match pid_only_state(pid, Some("qemu")) {
+            PidState::Alive(pid) => qemu_of_this_instance(pid, &paths.instance_dir),
+            other => other,
+        },
         Err(err) => unreadable(err),
     };
     (pid_file, state)
+}
+
+/// A live qemu counts as this instance's only if its arguments name the instance dir (its
+/// QMP socket, disk and pid file live there, for Lima's qemu as for vmoat's); a qemu of
+/// another VM that got the pid after a reboot does not. Where arguments cannot be read, the
+/// executable's name has to do.
+fn qemu_of_this_instance(pid: u32, instance_dir: &Path) -> PidState {
+    let Some(args) = process::args_of(pid) else {
+        return PidState::Alive(pid);
+    };
+    let mut dirs = vec![instance_dir.to_string_lossy().into_owned()];
+    if let Ok(real) = instance_dir.canonicalize() {
+        dirs.push(real.to_string_lossy().into_owned());
+    }
+    if args
+        .iter()
+        .any(|arg| dirs.iter().any(|dir| arg.contains(dir.as_str())))
+    {
+        return PidState::Alive(pid);
+    }
+    PidState::Dead {
+        pid: Some(pid),
+        reason: format!("pid {pid} now belongs to another process (a qemu of another VM)"),
+    }
 }
 
 /// The instance's state, as Lima would report it. Asks the agent over `ha.sock` (at most 3 s)
@@ -414,7 +441,13 @@ mod tests {
     impl Fixture {
         /// Starts `sleep` under the given executable name (a copy, so /proc shows that name).
         fn start_as(&mut self, name: &str) -> u32 {
-            let exe = self.dir.join(name);
+            let dir = self.dir.clone();
+            self.start_in(&dir, name)
+        }
+
+        /// [`Fixture::start_as`] with the copy in `dir`, so its command line names `dir`.
+        fn start_in(&mut self, dir: &Path, name: &str) -> u32 {
+            let exe = dir.join(name);
             if !exe.exists() {
                 std::fs::copy(which("sleep"), &exe).unwrap();
             }
@@ -433,8 +466,11 @@ mod tests {
             pid
         }
 
+        /// A live process standing in for this instance's qemu, whose command line names the
+        /// instance dir as a real one does.
         fn qemu(&mut self) -> u32 {
-            let pid = self.start_as("qemu-system-x86_64");
+            let dir = self.paths.instance_dir.clone();
+            let pid = self.start_in(&dir, "qemu-system-x86_64");
             wait_identity(pid);
             write_pid_file(&self.paths.qemu_pid(), pid).unwrap();
             pid
@@ -639,6 +675,26 @@ mod tests {
         );
         assert!(broken.iter().all(FileError::is_bad_content), "{broken:?}");
         assert_eq!(std::fs::read_to_string(f.paths.lima_yaml()).unwrap(), cut);
+    }
+
+    #[test]
+    fn a_qemu_of_another_vm_with_the_pid_is_not_this_ones() {
+        let mut f = fixture("otherqemu");
+        let other = f.start_as("qemu-system-x86_64");
+        wait_identity(other);
+        write_pid_file(&f.paths.qemu_pid(), other).unwrap();
+
+        let (_, driver) = driver_state(&f.paths);
+        match driver {
+            PidState::Dead { reason, .. } => {
+                assert!(reason.contains("a qemu of another VM"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(instance_status(&f.paths), InstanceStatus::Stopped);
+        let stale: Vec<_> = find_stale(&f.paths).into_iter().map(|s| s.path).collect();
+        assert_eq!(stale, [f.paths.qemu_pid()]);
+        assert!(process::pid_exists(other), "nothing is signalled");
     }
 
     #[test]
