@@ -83,7 +83,21 @@ fn stop_orphan(paths: &vmoat_profile::ProfilePaths, grace: Duration) -> CmdResul
     use vmoat_driver::{Driver, RunningVm};
 
     let mut stopped = "cleaned up".to_owned();
-    if let Ok(settings) = vmoat_agent::settings::AgentSettings::read(&paths.vm_spec()) {
+    let (_, hypervisor) = vmoat_profile::status::driver_state(paths);
+    let settings = vmoat_agent::settings::AgentSettings::read(&paths.vm_spec());
+    if let (vmoat_profile::status::PidState::Alive(pid), Err(err)) = (&hypervisor, &settings) {
+        // Without its settings the hypervisor cannot be taken over; saying "stopped" while it
+        // runs on would be a lie.
+        let exit = match err {
+            vmoat_agent::settings::SettingsError::Invalid { .. } => Exit::Usage,
+            _ => Exit::Failed,
+        };
+        return Err(CodedError::msg(
+            exit,
+            format!("the VM's hypervisor (pid {pid}) runs without its agent, and {err:#}"),
+        ));
+    }
+    if let Ok(settings) = settings {
         let driver = crate::platform::driver();
         if let Some(mut vm) = driver
             .adopt(&settings.spec)
@@ -104,6 +118,20 @@ fn stop_orphan(paths: &vmoat_profile::ProfilePaths, grace: Duration) -> CmdResul
             nix::sys::signal::Signal::SIGKILL,
         );
         stopped.push_str("; ended its unresponsive agent");
+    }
+
+    if let (_, vmoat_profile::status::PidState::Alive(pid)) =
+        vmoat_profile::status::driver_state(paths)
+    {
+        return Err(CodedError::msg(
+            Exit::Failed,
+            format!(
+                "the VM's hypervisor (pid {pid}, in {}) still runs: vmoat could not take it \
+                 over; see {}",
+                paths.qemu_pid().display(),
+                paths.ha_stderr_log().display()
+            ),
+        ));
     }
     Ok(stopped)
 }
