@@ -109,14 +109,24 @@ where
     let _ = writer.shutdown().await;
 }
 
+/// How long a client may refuse output before it counts as gone.
+const CLIENT_STALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 async fn relay<W: AsyncWrite + Unpin>(mut stream: OutputStream, kind: Kind, writer: Arc<Mutex<W>>) {
-    // Keep reading even when the client is gone: an unread channel would hold up the whole
-    // SSH connection (see vmoat_ssh's flow-control note).
+    // Keep reading even when the client is gone or stalled: an unread channel holds up every
+    // channel of its SSH connection (see vmoat_ssh's flow-control note).
     let mut client_alive = true;
     while let Some(chunk) = stream.recv().await {
         if client_alive {
             let mut w = writer.lock().await;
-            client_alive = frame::write_chunked(&mut *w, kind, &chunk).await.is_ok();
+            let write = frame::write_chunked(&mut *w, kind, &chunk);
+            client_alive = matches!(
+                tokio::time::timeout(CLIENT_STALL_LIMIT, write).await,
+                Ok(Ok(()))
+            );
+            if !client_alive {
+                tracing::warn!("an exec client stopped reading; dropping the rest of its output");
+            }
         }
     }
 }

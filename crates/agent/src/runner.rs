@@ -107,7 +107,11 @@ pub struct Agent<D: Driver> {
     vm: Mutex<Option<D::Vm>>,
     state: Mutex<State>,
     events: EventLog,
+    /// The connection for the agent's own traffic: the Docker socket, tunnels, probes.
     session: watch::Sender<Option<Session>>,
+    /// A second connection for users' commands, so one whose client stops reading (russh
+    /// holds up every channel of a connection then) can never stall Docker or the tunnels.
+    exec_session: watch::Sender<Option<Session>>,
     tunnels: tokio::sync::Mutex<BTreeMap<u16, OpenTunnel>>,
     docker_forward: Mutex<Option<JoinHandle<()>>>,
     ssh_port: AtomicU16,
@@ -163,6 +167,7 @@ where
             }),
             events: EventLog::default(),
             session: watch::Sender::new(None),
+            exec_session: watch::Sender::new(None),
             tunnels: tokio::sync::Mutex::new(BTreeMap::new()),
             docker_forward: Mutex::new(None),
             stopping: AtomicBool::new(false),
@@ -189,11 +194,13 @@ where
                 self.set_phase(Phase::Ready);
                 self.events.push(Event::Ready);
                 let watcher = tokio::spawn(self.clone().watch_hypervisor());
-                let keeper = tokio::spawn(self.clone().keep_session());
+                let keeper = tokio::spawn(self.clone().keep_session(false));
+                let exec_keeper = tokio::spawn(self.clone().keep_session(true));
                 let signals = tokio::spawn(self.clone().on_signals());
                 self.done.notified().await;
                 watcher.abort();
                 keeper.abort();
+                exec_keeper.abort();
                 signals.abort();
             }
             // A stop asked for during the boot has already said and done everything.
@@ -236,6 +243,14 @@ where
             .stage(Stage::Ssh, async move { this.wait_ssh().await })
             .await?;
         self.session.send_replace(Some(session.clone()));
+        let exec_session = match self.connect_once().await {
+            Ok(second) => second,
+            Err(err) => {
+                tracing::warn!("a second SSH connection failed ({err}); commands share the first");
+                session.clone()
+            }
+        };
+        self.exec_session.send_replace(Some(exec_session));
 
         let s = session.clone();
         let this = self.clone();
@@ -390,15 +405,7 @@ where
             self.check_alive()
                 .map_err(|e| format!("{e} (last SSH error: {last_error})"))?;
 
-            match Session::connect(
-                addr,
-                &self.settings.ssh_user,
-                &self.key,
-                &self.pinned,
-                Duration::from_secs(20),
-            )
-            .await
-            {
+            match self.connect_once().await {
                 Ok(session) => return Ok(session),
                 Err(err @ SshError::HostKeyMismatch { .. }) => {
                     return Err(format!(
@@ -595,38 +602,46 @@ where
         }
     }
 
-    /// Reconnects SSH when the connection drops while the VM runs (a guest reboot, sshd
+    /// One SSH connection to the guest with the pinned host key.
+    async fn connect_once(&self) -> Result<Session, SshError> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.ssh_port.load(Ordering::SeqCst)));
+        Session::connect(
+            addr,
+            &self.settings.ssh_user,
+            &self.key,
+            &self.pinned,
+            Duration::from_secs(20),
+        )
+        .await
+    }
+
+    /// Reconnects one SSH connection when it drops while the VM runs (a guest reboot, sshd
     /// restarted), so forwards and commands keep working.
-    async fn keep_session(self: Arc<Self>) {
+    async fn keep_session(self: Arc<Self>, exec: bool) {
+        let slot = if exec {
+            &self.exec_session
+        } else {
+            &self.session
+        };
         loop {
-            let current = self.session.borrow().clone();
+            let current = slot.borrow().clone();
             if let Some(session) = current {
                 session.closed().await;
             }
             if self.stopping.load(Ordering::SeqCst) {
                 return;
             }
-            self.session.send_replace(None);
-            tracing::warn!("the SSH connection to the guest dropped; reconnecting");
+            slot.send_replace(None);
+            tracing::warn!("an SSH connection to the guest dropped; reconnecting");
 
-            let addr =
-                SocketAddr::from((Ipv4Addr::LOCALHOST, self.ssh_port.load(Ordering::SeqCst)));
             loop {
                 if self.stopping.load(Ordering::SeqCst) {
                     return;
                 }
-                let connected = Session::connect(
-                    addr,
-                    &self.settings.ssh_user,
-                    &self.key,
-                    &self.pinned,
-                    Duration::from_secs(20),
-                )
-                .await;
-                match connected {
+                match self.connect_once().await {
                     Ok(session) => {
                         tracing::info!("SSH connection to the guest restored");
-                        self.session.send_replace(Some(session));
+                        slot.send_replace(Some(session));
                         break;
                     }
                     Err(err) => tracing::debug!("reconnect failed: {err}"),
@@ -679,8 +694,10 @@ where
         }
 
         let exit = self.stop_vm(Duration::from_secs(request.grace_secs)).await;
-        if let Some(session) = self.session.send_replace(None) {
-            session.disconnect().await;
+        for slot in [&self.exec_session, &self.session] {
+            if let Some(session) = slot.send_replace(None) {
+                session.disconnect().await;
+            }
         }
         let (forced, detail) = match &exit {
             Some(info) => (
@@ -853,7 +870,7 @@ where
     }
 
     async fn exec(self: Arc<Self>, io: ExecIo) {
-        let session = self.session.borrow().clone();
+        let session = self.exec_session.borrow().clone();
         let phase = self.state.lock().expect("state lock").phase.clone();
         crate::exec_server::serve(io, session, move || {
             format!("the VM is not ready for commands yet ({phase:?})")
