@@ -327,6 +327,14 @@ where
                 message: "took over the VM an earlier agent left running".into(),
             });
             self.install_vm(vm, true);
+            if self.ssh_port.load(Ordering::SeqCst) == 0 {
+                // Waiting on port 0 would only end at the SSH stage's limit; failing now stops
+                // the VM cleanly, and the next start boots it on a known port.
+                let why = "the VM an earlier agent left running has no recorded SSH port \
+                           (vmoat-vm.json was rewritten); it is stopped now, and the next \
+                           `vmoat up` starts it again";
+                return Err(why.into());
+            }
             return Ok(());
         }
 

@@ -78,7 +78,12 @@ pub fn ensure_running(ctx: &Context, keep_failed: bool, progress: Progress) -> C
         create(ctx, &rt, &driver, profile, config, keep_failed, progress)?;
     }
 
-    let settings = settings_for(ctx, &driver, profile, config)?;
+    let mut settings = settings_for(ctx, &driver, profile, config)?;
+    // A VM whose agent was killed still runs with the SSH port it was started with; the new
+    // agent adopts it and must reach it there. A VM that is not running gets a fresh port.
+    if let Ok(previous) = AgentSettings::read(&paths.vm_spec()) {
+        settings.spec.network.ssh_host_port = previous.spec.network.ssh_host_port;
+    }
     settings
         .write(&paths.vm_spec())
         .map_err(|e| CodedError::new(Exit::Failed, e))?;
