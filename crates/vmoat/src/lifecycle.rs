@@ -21,6 +21,7 @@ use vmoat_profile::yaml::{ColimaMount, ColimaYaml, LimaImage, LimaMount, LimaSsh
 use vmoat_profile::{OwnerRecord, ProfilePaths, Resolved};
 
 use crate::context::Context;
+use crate::disk_use;
 use crate::exit::{CmdResult, CodedError, Exit, WithExit};
 use crate::platform::{self, HostDriver};
 use crate::progress::Progress;
@@ -67,6 +68,7 @@ pub fn ensure_running(ctx: &Context, keep_failed: bool, progress: Progress) -> C
     // A running agent is reused: it may be booting (an earlier `up` was interrupted) or ready.
     if let InstanceStatus::Running { .. } = instance_status(paths) {
         rt.block_on(follow_boot(&client, &profile.name, progress))?;
+        warn_if_disk_full(ctx, &rt, &client);
         return Ok(Running { client, lock });
     }
 
@@ -100,6 +102,7 @@ pub fn ensure_running(ctx: &Context, keep_failed: bool, progress: Progress) -> C
         .map_err(|e| CodedError::new(Exit::Failed, e))?;
 
     rt.block_on(follow_boot(&client, &profile.name, progress))?;
+    warn_if_disk_full(ctx, &rt, &client);
     Ok(Running { client, lock })
 }
 
@@ -140,6 +143,15 @@ fn is_bad_image_choice(err: &ImageError) -> bool {
             | ImageError::MissingPath { .. }
             | ImageError::UnknownFormat { .. }
     )
+}
+
+/// Says so on stderr when the guest's disk is (nearly) full, before provisioning and CMD_UP
+/// run into it with less clear errors of their own.
+fn warn_if_disk_full(ctx: &Context, rt: &tokio::runtime::Runtime, client: &AgentClient) {
+    let disk = rt.block_on(disk_use::guest_disk(client));
+    if let Some(note) = disk.as_ref().and_then(disk_use::GuestDisk::full_note) {
+        ctx.notice(format!("warning: {note}"));
+    }
 }
 
 /// Exit 5 when this host cannot run the VM, with every reason and its fix.

@@ -4,6 +4,7 @@
 mod cli;
 mod commands;
 mod context;
+mod disk_use;
 mod exit;
 mod lifecycle;
 mod logging;

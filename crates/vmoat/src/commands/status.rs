@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use serde::Serialize;
 use vmoat_agent::client::AgentClient;
-use vmoat_agent::exec_client;
-use vmoat_agent::protocol::{AgentStatus, ExecRequest, LastExit, ProbeResult, Tunnel};
+use vmoat_agent::protocol::{AgentStatus, LastExit, ProbeResult, Tunnel};
 use vmoat_profile::OwnerRecord;
 use vmoat_profile::status::{InstanceStatus, broken_files, find_stale, instance_status};
 
 use crate::context::Context;
+use crate::disk_use::{GuestDisk, guest_disk};
 use crate::exit::{CmdResult, Exit};
 use crate::output;
 use crate::vm;
@@ -48,13 +48,6 @@ struct Report {
     stale_files: Vec<String>,
     /// Profile files that exist but cannot be read (edited by hand, cut short), each with why.
     broken_files: Vec<String>,
-}
-
-#[derive(Debug, Serialize)]
-struct GuestDisk {
-    used_percent: u8,
-    free_bytes: u64,
-    size_bytes: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -136,15 +129,7 @@ async fn fill_running(client: &AgentClient, health_url: Option<&str>, report: &m
     }
 
     report.guest_disk = guest_disk(client).await;
-    if let Some(disk) = &report.guest_disk
-        && disk.used_percent >= 95
-    {
-        let note = format!(
-            "the guest's disk is {} % full ({} MiB free); free space with `vmoat ssh docker \
-             system prune` or raise VM_DISK",
-            disk.used_percent,
-            disk.free_bytes >> 20
-        );
+    if let Some(note) = report.guest_disk.as_ref().and_then(GuestDisk::full_note) {
         report.reason = Some(note);
     }
 
@@ -181,33 +166,6 @@ fn apply_agent(agent: &AgentStatus, report: &mut Report) {
         report.state = "starting";
         report.reason = Some(format!("{:?}", agent.phase));
     }
-}
-
-/// The guest's root file system use, from `df` in the guest.
-async fn guest_disk(client: &AgentClient) -> Option<GuestDisk> {
-    let request = ExecRequest {
-        command: "df -Pk / | tail -n 1".into(),
-        ..ExecRequest::default()
-    };
-    let out = tokio::time::timeout(
-        Duration::from_secs(10),
-        exec_client::capture(client, request),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    let fields: Vec<&str> = std::str::from_utf8(&out.stdout)
-        .ok()?
-        .split_whitespace()
-        .collect();
-    let size_kib: u64 = fields.get(1)?.parse().ok()?;
-    let free_kib: u64 = fields.get(3)?.parse().ok()?;
-    let used: u8 = fields.get(4)?.trim_end_matches('%').parse().ok()?;
-    Some(GuestDisk {
-        used_percent: used,
-        free_bytes: free_kib << 10,
-        size_bytes: size_kib << 10,
-    })
 }
 
 fn print_text(report: &Report) {
