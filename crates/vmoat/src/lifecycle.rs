@@ -33,6 +33,10 @@ const LOCK_WAIT: Duration = Duration::from_secs(45 * 60);
 /// How long a new agent may take to answer on its socket.
 const AGENT_START: Duration = Duration::from_secs(15);
 
+/// How long an agent that reported a failed boot may take to exit (it has already stopped the
+/// VM; what is left is removing its files).
+const AGENT_EXIT: Duration = Duration::from_secs(15);
+
 /// The Lima version whose layout vmoat writes (`lima-version`): before 2.1, so the VM disk is
 /// `diffdisk` over `basedisk`, as Colima still expects.
 const LIMA_VERSION: &str = "2.0.0";
@@ -65,9 +69,15 @@ pub fn ensure_running(ctx: &Context, keep_failed: bool, progress: Progress) -> C
     let rt = vm::runtime()?;
     let client = AgentClient::new(paths.ha_sock());
 
-    // A running agent is reused: it may be booting (an earlier `up` was interrupted) or ready.
+    // A running agent is reused: one still booting (an earlier `up` was interrupted) is
+    // followed from its first stage; one that is ready needs no boot lines.
     if let InstanceStatus::Running { .. } = instance_status(paths) {
-        rt.block_on(follow_boot(&client, &profile.name, progress))?;
+        let ready = rt
+            .block_on(client.status())
+            .is_ok_and(|status| status.phase == Phase::Ready);
+        if !ready {
+            rt.block_on(follow_boot(&client, paths, &profile.name, progress))?;
+        }
         warn_if_disk_full(ctx, &rt, &client);
         return Ok(Running { client, lock });
     }
@@ -101,7 +111,7 @@ pub fn ensure_running(ctx: &Context, keep_failed: bool, progress: Progress) -> C
     spawn::spawn(&exe, &profile.name, &files, AGENT_START)
         .map_err(|e| CodedError::new(Exit::Failed, e))?;
 
-    rt.block_on(follow_boot(&client, &profile.name, progress))?;
+    rt.block_on(follow_boot(&client, paths, &profile.name, progress))?;
     warn_if_disk_full(ctx, &rt, &client);
     Ok(Running { client, lock })
 }
@@ -275,9 +285,12 @@ fn repair_stale(ctx: &Context, paths: &ProfilePaths) -> CmdResult<()> {
     clean_stale(&stale).map_err(|e| CodedError::new(Exit::Failed, e))
 }
 
-/// Follows the agent's events until the VM is ready, showing each stage.
+/// Follows the agent's events until the VM is ready, showing each stage. After a failed boot
+/// it waits for the agent to finish stopping the VM and exit, so nothing of the VM is still
+/// running when the command returns.
 async fn follow_boot(
     client: &AgentClient,
+    paths: &ProfilePaths,
     profile: &str,
     progress: Progress,
 ) -> CmdResult<AgentStatus> {
@@ -329,6 +342,7 @@ async fn follow_boot(
     followed.map_err(|e| vm::agent_error(profile, e))?;
 
     if let Some((reason, timeout)) = failure {
+        vm::wait_agent_exit(paths, AGENT_EXIT).await;
         let exit = if timeout { Exit::Timeout } else { Exit::Failed };
         return Err(CodedError::msg(
             exit,

@@ -10,7 +10,7 @@ use tokio::io::AsyncWrite;
 use vmoat_agent::client::{AgentClient, ClientError};
 use vmoat_agent::exec_client::{self, ExecError, Stdio};
 use vmoat_agent::protocol::{ExecExit, ExecRequest, LastExit};
-use vmoat_profile::status::{InstanceStatus, instance_status};
+use vmoat_profile::status::{InstanceStatus, PidState, agent_state, instance_status};
 use vmoat_profile::{ProfilePaths, Resolved};
 
 use crate::context::Context;
@@ -55,6 +55,17 @@ pub fn running(ctx: &Context) -> CmdResult<(&Resolved, AgentClient)> {
                 last_exit_note(paths)
             ),
         )),
+    }
+}
+
+/// Waits up to `limit` for the agent of `paths` to end. An agent that reported a failed boot
+/// has stopped its VM and exits right after; a caller that returned at once would leave it
+/// running for a moment, and a `vmoat up` run just then would attach to the dying agent.
+pub async fn wait_agent_exit(paths: &ProfilePaths, limit: std::time::Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while matches!(agent_state(paths), PidState::Alive(_)) && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 
