@@ -43,6 +43,15 @@ pub struct SeedReport {
     pub missing: Vec<String>,
 }
 
+/// Checks every entry without copying anything: `up` and `provision` call it before any VM
+/// work, so a bad entry fails at once instead of after a boot.
+pub fn check_seeds(main: &Path, worktree: &Path, entries: &[String]) -> Result<(), SeedError> {
+    for entry in entries {
+        check_entry(main, worktree, entry)?;
+    }
+    Ok(())
+}
+
 /// Copies every entry from `main` into `worktree`. Every entry is checked before anything is
 /// copied, so a bad entry leaves the worktree untouched.
 pub fn copy_seeds(
@@ -222,6 +231,16 @@ mod tests {
         std::os::unix::fs::symlink(dir.path().join("outside"), main.join("link")).unwrap();
         let err = copy_seeds(&main, &wt, &["link".to_owned()]).unwrap_err();
         assert!(err.to_string().contains("symlink"), "{err}");
+
+        let err = check_seeds(
+            &main,
+            &wt,
+            &[".env".to_owned(), "../../etc/passwd".to_owned()],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("\"../../etc/passwd\""), "{err}");
+        check_seeds(&main, &wt, &[".env".to_owned(), "absent".to_owned()]).unwrap();
+        assert!(!wt.join(".env").exists(), "checking copies nothing");
 
         std::os::unix::fs::symlink(dir.path(), wt.join("up")).unwrap();
         let err = copy_seeds(&main, &wt, &["up/x".to_owned()]).unwrap_err();

@@ -29,6 +29,8 @@ pub fn run(ctx: &Context, args: ProvisionArgs, up: bool) -> CmdResult {
     // Settle what `up` will run before any VM work, so a project with nothing to start fails
     // at once rather than after a boot.
     let cmd_up = if up { Some(cmd_up(ctx, config)?) } else { None };
+    seed::check_seeds(&worktree.main_root, &worktree.root, &config.provision_seed)
+        .map_err(|e| CodedError::new(seed_exit(&e), e))?;
 
     let progress = Progress::new(ctx.quiet);
     let Running { client, lock, .. } = lifecycle::ensure_running(ctx, args.keep_failed, progress)?;
@@ -37,13 +39,7 @@ pub fn run(ctx: &Context, args: ProvisionArgs, up: bool) -> CmdResult {
 
     rt.block_on(provision(ctx, &client, config, progress))?;
     let seeds = seed::copy_seeds(&worktree.main_root, &worktree.root, &config.provision_seed)
-        .map_err(|e| {
-            let exit = match e {
-                seed::SeedError::Escapes { .. } => Exit::Usage,
-                seed::SeedError::Copy { .. } => Exit::Failed,
-            };
-            CodedError::new(exit, e)
-        })?;
+        .map_err(|e| CodedError::new(seed_exit(&e), e))?;
     for path in &seeds.copied {
         ctx.notice(format!("seeded {} from the main worktree", path.display()));
     }
@@ -73,6 +69,14 @@ pub fn run(ctx: &Context, args: ProvisionArgs, up: bool) -> CmdResult {
         output::line(&profile.name);
     }
     Ok(Exit::Ok)
+}
+
+/// A seed entry that escapes the worktree is a config error; a failed copy is not.
+fn seed_exit(err: &seed::SeedError) -> Exit {
+    match err {
+        seed::SeedError::Escapes { .. } => Exit::Usage,
+        seed::SeedError::Copy { .. } => Exit::Failed,
+    }
 }
 
 /// CMD_UP from the config, else detected from the worktree's files; exit 2 with what was
