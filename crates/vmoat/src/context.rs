@@ -118,13 +118,31 @@ impl Context {
     /// This worktree's VM: its effective name and profile paths (see `spec.md` "Identity").
     /// What the user should know about the name (a collision suffix, a shortened name) is
     /// said on stderr the first time.
+    ///
+    /// When the config has an error, the name cannot be derived; the VM this worktree already
+    /// owns (by its profile's owner record) is used then, so `down`, `destroy` and `ssh` still
+    /// reach a VM whose vmoat.conf was broken after it was made. Commands that need the
+    /// config still fail on it.
     pub fn profile(&self) -> CmdResult<&Resolved> {
         if let Some(profile) = self.profile.get() {
             return Ok(profile);
         }
         let worktree = self.worktree()?;
-        let config = self.config()?;
         let home = self.home()?;
+        let config = match self.config() {
+            Ok(config) => config,
+            Err(err) if err.exit == Exit::Usage => {
+                let Some(owned) = self.owned_profile(home, &worktree.root) else {
+                    return Err(err);
+                };
+                self.notice(format!(
+                    "{:#}; acting on VM {}, which this worktree owns",
+                    err.error, owned.name
+                ));
+                return Ok(self.profile.get_or_init(|| owned));
+            }
+            Err(err) => return Err(err),
+        };
 
         let vm_name = config.vm_name.as_deref();
         let resolved = vmoat_profile::resolve_name(home, worktree, &config.vm_prefix, vm_name)
@@ -144,6 +162,23 @@ impl Context {
     }
 
     /// Tells the user something on stderr, unless `-q` was given.
+    /// The one profile whose owner record names `root`, if there is exactly one.
+    fn owned_profile(&self, home: &ColimaHome, root: &std::path::Path) -> Option<Resolved> {
+        let profiles = vmoat_profile::list::list_profiles(home).ok()?;
+        let mut owned = profiles
+            .into_iter()
+            .filter(|p| p.worktree.as_deref() == Some(root));
+        let profile = owned.next()?;
+        if owned.next().is_some() {
+            return None;
+        }
+        Some(Resolved {
+            name: profile.paths.name.clone(),
+            paths: profile.paths,
+            notes: Vec::new(),
+        })
+    }
+
     pub fn notice(&self, text: impl AsRef<str>) {
         if !self.quiet {
             output::notice(text);
