@@ -98,7 +98,14 @@ impl VmoatCmd {
         let args: Vec<String> = self
             .args
             .iter()
-            .map(|a| a.to_string_lossy().into_owned())
+            .map(|a| {
+                // A script given as one argument shows as its first line.
+                let text = a.to_string_lossy();
+                match text.split_once('\n') {
+                    Some((first, _)) => format!("'{first} …'"),
+                    None => text.into_owned(),
+                }
+            })
             .collect();
         format!("(cd {} && vmoat {})", self.dir.display(), args.join(" "))
     }

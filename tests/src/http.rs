@@ -74,3 +74,32 @@ pub fn port_of(url: &str) -> Option<u16> {
         .parse()
         .ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn a_get_reads_status_and_body_from_a_local_server() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut request = [0u8; 1024];
+            let n = conn.read(&mut request).unwrap();
+            assert!(String::from_utf8_lossy(&request[..n]).starts_with("GET /x HTTP/1.0"));
+            conn.write_all(b"HTTP/1.0 404 Not Found\r\nA: b\r\n\r\nnope\n")
+                .unwrap();
+        });
+
+        let url = format!("http://127.0.0.1:{port}/x");
+        let response = get(&url).unwrap();
+        server.join().unwrap();
+        assert_eq!(response.status, 404);
+        assert_eq!(response.body, "nope\n");
+        assert_eq!(port_of(&format!("http://127.0.0.1:{port}")), Some(port));
+        assert!(!port_open(port), "the server is gone");
+        assert!(get("http://10.0.0.1:80/").is_err(), "only loopback");
+    }
+}

@@ -89,3 +89,31 @@ pub fn qemu_processes_on(disk: &Path) -> Vec<u32> {
 pub fn read_pid(file: &Path) -> Option<u32> {
     std::fs::read_to_string(file).ok()?.trim().parse().ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_is_seen_alive_by_its_command_line_and_dead_once_killed() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30.25")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        assert!(alive(pid));
+        // Until the child has exec'd, its command line is not sleep's yet.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while cmdline(pid).as_deref() != Some("sleep 30.25") {
+            assert!(Instant::now() < deadline, "{:?}", cmdline(pid));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(mentioning("sleep 30.25").iter().any(|(p, _)| *p == pid));
+
+        // Killed but not yet reaped, it is a zombie: dead all the same.
+        signal(pid, Signal::SIGKILL).unwrap();
+        assert!(wait_gone(pid, Duration::from_secs(10)));
+        child.wait().unwrap();
+        assert!(cmdline(pid).is_none_or(|l| l.is_empty()));
+    }
+}

@@ -157,6 +157,19 @@ fn a_vm_keeps_its_disk_and_tells_the_truth_through_down_up_and_kills() {
     });
 
     s.check(
+        "a config broken after creation still reaches the VM the worktree owns",
+        || {
+            let conf = wt.join("vmoat.local.conf");
+            std::fs::write(&conf, "VM_CPU=0\n").unwrap();
+            let status = group.vmoat(&wt).arg("status").run();
+            let ssh = group.vmoat(&wt).args(["ssh", "echo reached"]).run();
+            std::fs::remove_file(&conf).unwrap();
+            status.code_is(2).stderr_has("VM_CPU");
+            ssh.success().stdout_has("reached").stderr_has("VM_CPU");
+        },
+    );
+
+    s.check(
         "destroy without a terminal and without -f: exit 2, VM untouched",
         || {
             let ha = vm.ha_pid();
