@@ -442,8 +442,11 @@ fn destroy_removes_only_the_profile(group: &Group, main: &Path, vm: &Instance) {
             socket.display()
         );
     }
-    // Everything else the group holds (worktree, keys, locks) and the shared image.
-    let skip = |p: &Path| profile_paths.iter().any(|own| p.starts_with(own));
+    // Everything else the group holds (worktree, keys, other locks) and the shared image.
+    // The profile's lock file is the profile's own: destroy takes the lock, and the file
+    // outlives the profile on purpose (see vmoat-profile's layout).
+    let skip =
+        |p: &Path| profile_paths.iter().any(|own| p.starts_with(own)) || p == vm.paths.lock_file;
     let before = (snapshot(group.root(), &skip), snapshot(&image_dir, &skip));
 
     group.vmoat(main).args(["destroy", "-f"]).run().success();
