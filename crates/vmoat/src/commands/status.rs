@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use vmoat_agent::client::AgentClient;
-use vmoat_agent::protocol::{AgentStatus, LastExit, ProbeResult, Tunnel};
+use vmoat_agent::protocol::{AgentStatus, LastExit, Phase, ProbeResult, Tunnel};
 use vmoat_profile::OwnerRecord;
 use vmoat_profile::status::{InstanceStatus, broken_files, find_stale, instance_status};
 
@@ -162,9 +162,23 @@ fn apply_agent(agent: &AgentStatus, report: &mut Report) {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     report.uptime_secs = Some(now.saturating_sub(agent.started_at));
-    if agent.phase != vmoat_agent::protocol::Phase::Ready {
+    if agent.phase != Phase::Ready {
         report.state = "starting";
-        report.reason = Some(format!("{:?}", agent.phase));
+        report.reason = Some(phase_text(&agent.phase));
+    }
+}
+
+/// What the agent is doing, for a VM that is not ready: the boot stage and what it waits on.
+fn phase_text(phase: &Phase) -> String {
+    match phase {
+        Phase::Booting { stage } => format!(
+            "booting: stage {}, waiting for {}",
+            stage.as_str(),
+            stage.waiting_on()
+        ),
+        Phase::Ready => "ready".to_owned(),
+        Phase::Stopping => "stopping".to_owned(),
+        Phase::Failed { reason, .. } => format!("failed: {reason}"),
     }
 }
 
@@ -252,5 +266,25 @@ fn human_duration(secs: u64) -> String {
         0..60 => format!("{secs} s"),
         60..3600 => format!("{} min", secs / 60),
         _ => format!("{} h {} min", secs / 3600, (secs % 3600) / 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vmoat_agent::protocol::Stage;
+
+    use super::*;
+
+    #[test]
+    fn a_booting_vm_says_which_stage_it_waits_on() {
+        let text = phase_text(&Phase::Booting { stage: Stage::Ssh });
+        assert_eq!(
+            text,
+            format!(
+                "booting: stage ssh, waiting for {}",
+                Stage::Ssh.waiting_on()
+            )
+        );
+        assert_eq!(phase_text(&Phase::Stopping), "stopping");
     }
 }
