@@ -118,15 +118,15 @@ fn identity_state(pid: u32, identity: &Identity) -> PidState {
     if process::is_alive(identity) {
         return PidState::Alive(pid);
     }
-    let reason = match process::exe_of(pid) {
-        Some(exe) if process::pid_exists(pid) => {
+    let reason = match (running(pid), process::exe_of(pid)) {
+        (true, Some(exe)) => {
             format!(
                 "pid {pid} now belongs to another process ({})",
                 exe.display()
             )
         }
-        _ if process::pid_exists(pid) => format!("pid {pid} now belongs to another process"),
-        _ => format!("pid {pid} is not running"),
+        (true, None) => format!("pid {pid} now belongs to another process"),
+        (false, _) => format!("pid {pid} is not running"),
     };
     PidState::Dead {
         pid: Some(pid),
@@ -134,9 +134,19 @@ fn identity_state(pid: u32, identity: &Identity) -> PidState {
     }
 }
 
+/// Whether `pid` is a running process. A zombie is not: it has exited, and only its parent
+/// (for an orphan, init, which may take a moment) has yet to collect it. Where the process
+/// table cannot be read, a pid that exists counts.
+fn running(pid: u32) -> bool {
+    match Identity::of_pid(pid) {
+        Ok(found) => found.is_some(),
+        Err(_) => process::pid_exists(pid),
+    }
+}
+
 /// Liveness by pid, optionally requiring the executable's name to contain `exe_hint`.
 fn pid_only_state(pid: u32, exe_hint: Option<&str>) -> PidState {
-    if !process::pid_exists(pid) {
+    if !running(pid) {
         return PidState::Dead {
             pid: Some(pid),
             reason: format!("pid {pid} is not running"),
@@ -675,6 +685,31 @@ mod tests {
         );
         assert!(broken.iter().all(FileError::is_bad_content), "{broken:?}");
         assert_eq!(std::fs::read_to_string(f.paths.lima_yaml()).unwrap(), cut);
+    }
+
+    #[test]
+    fn a_killed_qemu_not_yet_reaped_is_not_running() {
+        let mut f = fixture("zombie");
+        let qemu = f.qemu();
+        f.agent();
+        // Killed but not waited for: a zombie until its parent (this test) reaps it, as a
+        // killed qemu is until init reaps the orphan.
+        let child = f.children.0.iter_mut().find(|c| c.id() == qemu).unwrap();
+        child.kill().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while Identity::of_pid(qemu).unwrap().is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "qemu stand-in did not die"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(process::pid_exists(qemu), "still a zombie");
+
+        let (_, driver) = driver_state(&f.paths);
+        assert!(matches!(driver, PidState::Dead { .. }), "{driver:?}");
+        let stale: Vec<_> = find_stale(&f.paths).into_iter().map(|s| s.path).collect();
+        assert!(stale.contains(&f.paths.qemu_pid()), "{stale:?}");
     }
 
     #[test]
