@@ -65,8 +65,22 @@ pub const RECIPE_FILES: &[(&str, &str)] = &[
 /// The mirror used when the host's apt sources name none (and `VMOAT_DEBIAN_MIRROR` is unset).
 pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 
-/// How long a build may take before it is stopped.
+/// How long a build for the host's own arch may take before it is stopped.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(45 * 60);
+
+/// How long a build for a foreign arch may take: every maintainer script, the byte-compiling
+/// of cloud-init's Python and the initrd's compression run under qemu-user emulation, and
+/// the arm64 build on a busy two-core x86_64 host took over 45 minutes (`docs/macos.md`).
+const EMULATED_BUILD_TIMEOUT: Duration = Duration::from_secs(180 * 60);
+
+/// The time limit of a build for `arch` on this host.
+fn build_timeout(arch: Arch) -> Duration {
+    if arch == Arch::host() {
+        BUILD_TIMEOUT
+    } else {
+        EMULATED_BUILD_TIMEOUT
+    }
+}
 
 /// Lines of build output kept for an error message.
 const TAIL_LINES: usize = 25;
@@ -259,16 +273,13 @@ fn preflight(arch: Arch, mode: BuildMode) -> Result<(), ImageError> {
     }
 
     if arch != Arch::host() {
-        let binfmt = match arch {
-            Arch::Aarch64 => "qemu-aarch64",
-            Arch::X86_64 => "qemu-x86_64",
-        };
-        if !Path::new("/proc/sys/fs/binfmt_misc").join(binfmt).exists() {
+        let binfmt = Path::new(BINFMT_MISC);
+        let arch_test = find_tool("arch-test").is_some();
+        if let Some(problem) = emulation_problem(binfmt, arch, arch_test) {
             return Err(ImageError::BuildUnavailable {
                 reason: format!(
                     "building for {arch} on a {} host runs {arch} programs through qemu-user, \
-                     and binfmt_misc has no {binfmt} entry; apt-get install qemu-user-static \
-                     binfmt-support",
+                     and {problem}",
                     Arch::host()
                 ),
             });
@@ -283,6 +294,71 @@ fn preflight(arch: Arch, mode: BuildMode) -> Result<(), ImageError> {
         });
     }
     Ok(())
+}
+
+/// Where the kernel's binfmt_misc file system is mounted.
+const BINFMT_MISC: &str = "/proc/sys/fs/binfmt_misc";
+
+/// What stops mmdebstrap from running `arch` programs, judged from the binfmt_misc directory
+/// `binfmt` and whether `arch-test` is installed; `None` when nothing does.
+///
+/// mmdebstrap refuses a foreign arch unless `arch-test` says its programs run, and they run
+/// only through a qemu-user entry of binfmt_misc that is enabled and has the F flag: the
+/// kernel then opens the emulator when the entry is registered, so programs inside the build's
+/// chroot, where the emulator's path does not exist, run too. Installing qemu-user-static
+/// registers it where systemd or binfmt-support runs at boot; a container or a host without
+/// either needs it registered by hand, which `scripts/arm64-smoke` does.
+fn emulation_problem(binfmt: &Path, arch: Arch, arch_test: bool) -> Option<String> {
+    let name = match arch {
+        Arch::Aarch64 => "qemu-aarch64",
+        Arch::X86_64 => "qemu-x86_64",
+    };
+    let entry = binfmt.join(name);
+    let dir = binfmt.display();
+
+    if !binfmt.join("register").exists() {
+        return Some(format!(
+            "binfmt_misc is not mounted at {dir}; mount it (mount -t binfmt_misc binfmt_misc \
+             {dir}), then install qemu-user-static or register {name} (from a vmoat checkout, \
+             scripts/arm64-smoke --setup does both)"
+        ));
+    }
+    let Ok(text) = fs::read_to_string(&entry) else {
+        return Some(format!(
+            "binfmt_misc has no {name} entry; apt-get install qemu-user-static, and where \
+             neither systemd nor binfmt-support runs, register it: \
+             /usr/lib/systemd/systemd-binfmt /usr/lib/binfmt.d/{name}.conf, or \
+             update-binfmts --enable {name}"
+        ));
+    };
+    if text.lines().next().map(str::trim) != Some("enabled") {
+        return Some(format!(
+            "the binfmt_misc entry {} is disabled; echo 1 > {}",
+            entry.display(),
+            entry.display()
+        ));
+    }
+    let flags = text
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .unwrap_or("");
+    if !flags.contains('F') {
+        return Some(format!(
+            "the binfmt_misc entry {} lacks the F flag, so programs in the build's chroot \
+             cannot reach the emulator; register it again as qemu-user-static does (echo -1 > \
+             {}, then systemd-binfmt or update-binfmts)",
+            entry.display(),
+            entry.display()
+        ));
+    }
+    if !arch_test {
+        return Some(
+            "mmdebstrap checks a foreign arch with arch-test, which is not installed; \
+             apt-get install arch-test"
+                .to_owned(),
+        );
+    }
+    None
 }
 
 /// Whether `mke2fs -d` takes a tarball (e2fsprogs ≥ 1.47.1); `None` if unknown.
@@ -427,7 +503,8 @@ async fn run_recipe(
     let mut lines = merged_lines(&mut child);
     let mut stage = "start".to_owned();
     let mut tail: VecDeque<String> = VecDeque::new();
-    let deadline = tokio::time::Instant::now() + BUILD_TIMEOUT;
+    let timeout = build_timeout(arch);
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
 
     loop {
@@ -452,7 +529,7 @@ async fn run_recipe(
                     group.stop().await;
                     return Err(ImageError::BuildTimeout {
                         stage,
-                        seconds: BUILD_TIMEOUT.as_secs(),
+                        seconds: timeout.as_secs(),
                     });
                 }
             }
@@ -654,6 +731,16 @@ mod tests {
     }
 
     #[test]
+    fn emulated_builds_get_more_time() {
+        let foreign = match Arch::host() {
+            Arch::X86_64 => Arch::Aarch64,
+            Arch::Aarch64 => Arch::X86_64,
+        };
+        assert_eq!(build_timeout(Arch::host()), BUILD_TIMEOUT);
+        assert_eq!(build_timeout(foreign), EMULATED_BUILD_TIMEOUT);
+    }
+
+    #[test]
     fn the_package_list_has_what_the_image_promises() {
         let packages = RECIPE_FILES
             .iter()
@@ -681,6 +768,51 @@ mod tests {
                 "{wanted} missing"
             );
         }
+    }
+
+    #[test]
+    fn foreign_arch_builds_need_an_enabled_fixed_binfmt_entry_and_arch_test() {
+        let dir = tempfile::tempdir().unwrap();
+        let binfmt = dir.path();
+        let problem = |arch_test| emulation_problem(binfmt, Arch::Aarch64, arch_test);
+
+        let unmounted = problem(true).unwrap();
+        assert!(unmounted.contains("not mounted"), "{unmounted}");
+        assert!(unmounted.contains("mount -t binfmt_misc"), "{unmounted}");
+
+        fs::write(binfmt.join("register"), "").unwrap();
+        let missing = problem(true).unwrap();
+        assert!(missing.contains("no qemu-aarch64 entry"), "{missing}");
+        assert!(missing.contains("qemu-user-static"), "{missing}");
+
+        let entry = binfmt.join("qemu-aarch64");
+        let registered = |state: &str, flags: &str| {
+            let text = format!(
+                "{state}\ninterpreter /usr/libexec/qemu-binfmt/aarch64-binfmt-P\n\
+                 flags: {flags}\noffset 0\nmagic 7f454c46\n"
+            );
+            fs::write(&entry, text).unwrap();
+        };
+        registered("disabled", "POF");
+        let disabled = problem(true).unwrap();
+        assert!(disabled.contains("disabled"), "{disabled}");
+        assert!(disabled.contains("echo 1 >"), "{disabled}");
+
+        registered("enabled", "PO");
+        let unfixed = problem(true).unwrap();
+        assert!(unfixed.contains("lacks the F flag"), "{unfixed}");
+
+        registered("enabled", "POF");
+        let no_arch_test = problem(false).unwrap();
+        assert!(
+            no_arch_test.contains("apt-get install arch-test"),
+            "{no_arch_test}"
+        );
+        assert_eq!(problem(true), None);
+
+        // An x86_64 guest looks for its own entry.
+        let x86 = emulation_problem(binfmt, Arch::X86_64, true).unwrap();
+        assert!(x86.contains("no qemu-x86_64 entry"), "{x86}");
     }
 
     #[test]
