@@ -244,8 +244,12 @@ impl Store {
         Ok(dir.join(format!("{name}.lock")))
     }
 
-    /// A fresh staging directory for image `name`, removed on drop unless committed.
+    /// A fresh staging directory for image `name`, removed on drop unless committed. What an
+    /// earlier attempt at the same image left when it was killed (a Debian build's scratch
+    /// root is over a gigabyte) goes first.
     pub fn staging(&self, name: &str) -> Result<Staging, ImageError> {
+        self.remove_dead_staging(name);
+
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let dir = self
@@ -256,6 +260,41 @@ impl Store {
             dir,
             committed: false,
         })
+    }
+
+    /// Removes `name`'s staging directories whose process is gone; a failure is logged, as
+    /// `image prune` removes them too.
+    fn remove_dead_staging(&self, name: &str) {
+        let Ok(entries) = fs::read_dir(&self.root) else {
+            return;
+        };
+        let prefix = format!("{TMP_PREFIX}{name}-");
+        for entry in entries.flatten() {
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            let Some(rest) = file_name.strip_prefix(&prefix) else {
+                continue;
+            };
+            // `<pid>-<n>` exactly, so `debian-x` never takes `debian-x-aarch64`'s directories.
+            let mut parts = rest.split('-');
+            let pid = parts.next().and_then(|p| p.parse::<i32>().ok());
+            let counter = parts.next().and_then(|n| n.parse::<u32>().ok());
+            let (Some(pid), Some(_), None) = (pid, counter, parts.next()) else {
+                continue;
+            };
+            if process_alive(pid) {
+                continue;
+            }
+            let path = entry.path();
+            let size = dir_size(&path);
+            match remove_tree(&path) {
+                Ok(()) => tracing::info!(
+                    "removed {} ({} MiB), left by an earlier attempt that was killed",
+                    path.display(),
+                    size / (1024 * 1024)
+                ),
+                Err(err) => tracing::warn!("cannot remove {}: {err}", path.display()),
+            }
+        }
     }
 
     /// Reads an image's manifest; `None` when the image is not there.
@@ -882,6 +921,26 @@ mod tests {
         assert!(live_path.exists());
         drop(live);
         assert!(!live_path.exists());
+    }
+
+    #[test]
+    fn a_new_staging_dir_clears_what_a_killed_attempt_at_that_image_left() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path());
+        let dead = store.root().join(".tmp-img-999999999-0");
+        let other_image = store.root().join(".tmp-img-aarch64-999999999-0");
+        let live = store
+            .root()
+            .join(format!(".tmp-img-{}-77", std::process::id()));
+        for dir in [&dead, &other_image, &live] {
+            fs::create_dir_all(dir.join("sub")).unwrap();
+        }
+
+        let staging = store.staging("img").unwrap();
+        assert!(!dead.exists(), "the dead attempt's directory is removed");
+        assert!(other_image.exists(), "another image's is not");
+        assert!(live.exists(), "a live process's is not");
+        assert!(staging.path().exists());
     }
 
     #[test]
