@@ -285,6 +285,14 @@ impl Store {
                 continue;
             }
             let path = entry.path();
+            unmount_leftovers(&path);
+            if !mounts_under(&path).is_empty() {
+                // remove_tree refuses and says why; measuring would walk /proc and /sys.
+                if let Err(err) = remove_tree(&path) {
+                    tracing::warn!("cannot remove what a killed attempt left: {err}");
+                }
+                continue;
+            }
             let size = dir_size(&path);
             match remove_tree(&path) {
                 Ok(()) => tracing::info!(
@@ -473,7 +481,10 @@ impl Store {
                 continue;
             }
             let path = entry.path();
-            report.freed += dir_size(&path);
+            unmount_leftovers(&path);
+            if mounts_under(&path).is_empty() {
+                report.freed += dir_size(&path);
+            }
             remove_tree(&path)?;
             report.stale.push(path);
         }
@@ -609,6 +620,31 @@ pub(crate) fn remove_tree(dir: &Path) -> Result<(), ImageError> {
     match fs::remove_dir_all(dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ImageError::io("remove", dir, e)),
         _ => Ok(()),
+    }
+}
+
+/// Detaches what a killed mmdebstrap left mounted in its chroot under `dir` (the host's
+/// /proc, /sys, /dev/pts and /dev/shm), deepest first. Only for the staging directory of a
+/// process that is gone: detaching removes no file, so the tree can then be deleted without
+/// reaching through a mount into the host's files. Failures (not root) leave the mounts, and
+/// `remove_tree` then refuses and says what to unmount.
+fn unmount_leftovers(dir: &Path) {
+    let mut points = mounts_under(dir);
+    points.sort_by_key(|p| std::cmp::Reverse(Path::new(p).components().count()));
+    for point in points {
+        let Ok(c_point) = std::ffi::CString::new(point.as_str()) else {
+            continue;
+        };
+        // SAFETY: umount2 takes a NUL-terminated path that lives through the call; MNT_DETACH
+        // only detaches the mount, and UMOUNT_NOFOLLOW keeps a symlink from redirecting it.
+        let rc =
+            unsafe { libc::umount2(c_point.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) };
+        if rc == 0 {
+            tracing::info!("unmounted {point}, left mounted by a killed image build");
+        } else {
+            let err = std::io::Error::last_os_error();
+            tracing::warn!("cannot unmount {point}, left by a killed image build: {err}");
+        }
     }
 }
 
@@ -941,6 +977,40 @@ mod tests {
         assert!(other_image.exists(), "another image's is not");
         assert!(live.exists(), "a live process's is not");
         assert!(staging.path().exists());
+    }
+
+    /// A killed build's chroot with a host directory bind-mounted in it (as mmdebstrap does
+    /// with /dev/shm): the mount is detached and the host's files survive. Needs root, as the
+    /// build itself does; CI runs as root.
+    #[test]
+    fn a_killed_builds_mounts_are_detached_not_deleted_through() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        let host = tempfile::tempdir().unwrap();
+        fs::write(host.path().join("keep"), "host file").unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path());
+        let dead = store.root().join(".tmp-img-999999999-0");
+        let shm = dead.join(".work/rootfs/dev/shm");
+        fs::create_dir_all(&shm).unwrap();
+        let status = std::process::Command::new("mount")
+            .arg("--bind")
+            .arg(host.path())
+            .arg(&shm)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount --bind");
+        assert_eq!(mounts_under(&dead).len(), 1);
+
+        let _staging = store.staging("img").unwrap();
+        assert!(mounts_under(&dead).is_empty(), "detached");
+        assert!(!dead.exists(), "removed");
+        assert!(
+            host.path().join("keep").exists(),
+            "the host's file is untouched"
+        );
     }
 
     #[test]
