@@ -1,6 +1,7 @@
 //! The agent's half of an exec session: frames from the CLI become an SSH exec on the held
 //! connection, and the command's output and exit come back as frames.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -11,10 +12,17 @@ use crate::frame::{self, Kind};
 use crate::protocol::{ApiError, ExecExit, ExecRequest, PtySize};
 
 /// Serves one exec session on `io` over `session`. Returns when the command has ended or the
-/// client has gone.
-pub async fn serve<IO>(io: IO, session: Option<Session>, not_ready: impl FnOnce() -> String)
-where
+/// client has gone. `explain` turns an SSH failure into the message the client gets (the
+/// agent knows when the cause is the hypervisor's end rather than the connection).
+pub async fn serve<IO, E, F>(
+    io: IO,
+    session: Option<Session>,
+    not_ready: impl FnOnce() -> String,
+    explain: E,
+) where
     IO: AsyncRead + AsyncWrite + Send + 'static,
+    E: FnOnce(String) -> F,
+    F: Future<Output = String>,
 {
     let (mut reader, writer) = tokio::io::split(io);
     let writer = Arc::new(Mutex::new(writer));
@@ -34,7 +42,10 @@ where
 
     let exec = match session.exec(to_ssh(&request)).await {
         Ok(exec) => exec,
-        Err(err) => return refuse(&writer, "exec-failed", err.to_string()).await,
+        Err(err) => {
+            let message = explain(err.to_string()).await;
+            return refuse(&writer, "exec-failed", message).await;
+        }
     };
     let vmoat_ssh::Exec {
         mut stdin,
@@ -95,7 +106,7 @@ where
         }
         Err(err) => {
             let error = ApiError {
-                message: err.to_string(),
+                message: explain(err.to_string()).await,
                 kind: "exec-broken".into(),
             };
             (Kind::Error, serde_json::to_vec(&error))

@@ -297,7 +297,7 @@ where
             }
             Ok(Err(reason)) => Err(BootFailure {
                 stage,
-                reason,
+                reason: self.blame_hypervisor(reason, " during boot").await,
                 timeout: false,
             }),
             Err(_) => Err(BootFailure {
@@ -527,6 +527,23 @@ where
             return Err(format!("the guest cannot boot: {message}"));
         }
         Ok(())
+    }
+
+    /// An SSH error (of a boot stage, or of a command; `when` says which), or the hypervisor's
+    /// end when that is what caused it: a killed qemu first shows as a lost SSH connection,
+    /// and the user needs the cause, not the symptom.
+    async fn blame_hypervisor(&self, reason: String, when: &str) -> String {
+        // The lost connection can be seen a moment before the hypervisor's exit is.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            if let Some(VmState::Exited(info)) = self.vm_state() {
+                return format!("the hypervisor ended{when}: {info} (then: {reason})");
+            }
+            if Instant::now() >= deadline || reason.starts_with("the hypervisor ended") {
+                return reason;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     fn vm_state(&self) -> Option<VmState> {
@@ -880,10 +897,10 @@ where
     async fn exec(self: Arc<Self>, io: ExecIo) {
         let session = self.exec_session.borrow().clone();
         let phase = self.state.lock().expect("state lock").phase.clone();
-        crate::exec_server::serve(io, session, move || {
-            format!("the VM is not ready for commands yet ({phase:?})")
-        })
-        .await;
+        let this = self.clone();
+        let not_ready = move || format!("the VM is not ready for commands yet ({phase:?})");
+        let explain = |reason| async move { this.blame_hypervisor(reason, "").await };
+        crate::exec_server::serve(io, session, not_ready, explain).await;
     }
 
     async fn tunnels(&self) -> Vec<Tunnel> {
