@@ -336,25 +336,13 @@ impl Booted {
 
     /// Runs a command in the guest with the `ssh` binary, pinning the seeded host key.
     fn ssh(&self, command: &str) -> Output {
-        Command::new("ssh")
-            .args([
-                "-F",
-                "/dev/null",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-            ])
-            .args(["-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=20"])
-            .arg("-o")
-            .arg(format!("UserKnownHostsFile={}", self.known_hosts.display()))
-            .arg("-i")
-            .arg(&self.key)
-            .args(["-p", &self.spec.network.ssh_host_port.to_string()])
-            .arg(format!("{}@127.0.0.1", self.login))
-            .arg(command)
-            .output()
-            .unwrap()
+        common::SshTarget {
+            port: self.spec.network.ssh_host_port,
+            login: &self.login,
+            key: &self.key,
+            known_hosts: &self.known_hosts,
+        }
+        .run(command)
     }
 
     /// Runs a command that must succeed and returns its trimmed stdout.

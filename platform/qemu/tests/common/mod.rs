@@ -150,3 +150,38 @@ pub fn run_ok(command: &mut Command) -> Vec<u8> {
 pub fn manifest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
+
+/// Where and as whom the `ssh` binary reaches a test guest, trusting only its seeded host key.
+pub struct SshTarget<'a> {
+    /// The host port forwarded to the guest's sshd.
+    pub port: u16,
+    /// The guest user.
+    pub login: &'a str,
+    /// The private key's file.
+    pub key: &'a Path,
+    /// A known_hosts file holding only the seeded host key.
+    pub known_hosts: &'a Path,
+}
+
+impl SshTarget<'_> {
+    /// Runs `command` in the guest; its output and status, whatever they are.
+    pub fn run(&self, command: &str) -> std::process::Output {
+        let known_hosts = format!("UserKnownHostsFile={}", self.known_hosts.display());
+        Command::new("ssh")
+            .args([
+                "-F",
+                "/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+            ])
+            .args(["-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=30"])
+            .args(["-o", &known_hosts, "-p", &self.port.to_string(), "-i"])
+            .arg(self.key)
+            .arg(format!("{}@127.0.0.1", self.login))
+            .arg(command)
+            .output()
+            .expect("run ssh")
+    }
+}
