@@ -4,6 +4,10 @@
 //! scratch directories, and finding the binaries under test. Benchmarks report; they never
 //! pass or fail on a figure.
 
+pub mod args;
+pub mod cleanup;
+pub mod vm;
+
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -62,13 +66,46 @@ fn usage(problem: &str) -> ! {
     ))
 }
 
-/// Prints a message on stderr and exits 2 (a bench that cannot run, not a slow result).
+/// Prints a message on stderr, runs every pending [`cleanup`] (a bench that started a VM stops
+/// and deletes it first) and exits 2 (a bench that cannot run, not a slow result).
 pub fn fail(message: &str) -> ! {
     #[allow(clippy::print_stderr)]
     {
         eprintln!("bench: {message}");
     }
+    cleanup::run_all();
     std::process::exit(2)
+}
+
+/// The value of `result`, or [`fail`] naming `what` could not be done.
+pub fn must<T>(result: io::Result<T>, what: &str) -> T {
+    result.unwrap_or_else(|e| fail(&format!("{what}: {e}")))
+}
+
+/// A bench's final report, printed as a table for people or as one JSON document.
+pub trait Report {
+    /// The figures as one JSON document.
+    fn json(&self) -> serde_json::Value;
+
+    /// The figures as a table on stdout.
+    fn table(&self);
+
+    /// Prints the report on stdout: JSON when `as_json`, else the table.
+    fn print(&self, as_json: bool) {
+        if as_json {
+            say(&self.json().to_string());
+        } else {
+            self.table();
+        }
+    }
+}
+
+/// Prints a progress line on stderr (stdout carries only the report).
+pub fn note(line: &str) {
+    #[allow(clippy::print_stderr)]
+    {
+        eprintln!("bench: {line}");
+    }
 }
 
 /// Prints one line of the report on stdout.
@@ -184,6 +221,11 @@ impl Sample {
     /// The slowest run.
     pub fn max(&self) -> Duration {
         self.times.last().copied().unwrap_or_default()
+    }
+
+    /// Every run, sorted.
+    pub fn times(&self) -> &[Duration] {
+        &self.times
     }
 
     /// How many runs.
