@@ -35,13 +35,19 @@ fn commands(help: &str) -> Vec<String> {
 fn every_command_has_a_row() {
     let readme = readme();
     let commands = commands(&help());
-    assert!(commands.len() >= 15, "parsed too few commands: {commands:?}");
+    assert!(
+        commands.len() >= 15,
+        "parsed too few commands: {commands:?}"
+    );
     for command in commands {
         let row = format!("| `{command}");
         let in_row = readme.lines().any(|l| {
             l.starts_with("| `") && l.split('|').nth(1).is_some_and(|c| c.contains(&command))
         });
-        assert!(in_row, "README has no command-table row for `{command}` (looked for {row})");
+        assert!(
+            in_row,
+            "README has no command-table row for `{command}` (looked for {row})"
+        );
     }
 }
 
@@ -50,7 +56,11 @@ fn every_config_key_has_a_row() {
     let readme = readme();
     for key in vmoat_config::KEYS {
         let row = format!("| `{}` |", key.name);
-        assert!(readme.contains(&row), "README's config table lacks {}", key.name);
+        assert!(
+            readme.contains(&row),
+            "README's config table lacks {}",
+            key.name
+        );
     }
 }
 
@@ -59,8 +69,13 @@ fn exit_codes_match_the_help() {
     let readme = readme();
     let help = help();
     for code in 0..=6 {
-        let in_help = help.lines().any(|l| l.trim_start().starts_with(&format!("{code} ")));
+        let in_help = help
+            .lines()
+            .any(|l| l.trim_start().starts_with(&format!("{code} ")));
         let in_readme = readme.contains(&format!("| {code} |"));
-        assert!(in_help && in_readme, "exit code {code}: help {in_help}, README {in_readme}");
+        assert!(
+            in_help && in_readme,
+            "exit code {code}: help {in_help}, README {in_readme}"
+        );
     }
 }
