@@ -285,7 +285,7 @@ impl Store {
                 continue;
             }
             let path = entry.path();
-            unmount_leftovers(&path);
+            release_leftovers(&path);
             if !mounts_under(&path).is_empty() {
                 // remove_tree refuses and says why; measuring would walk /proc and /sys.
                 if let Err(err) = remove_tree(&path) {
@@ -295,7 +295,7 @@ impl Store {
             }
             let size = dir_size(&path);
             match remove_tree(&path) {
-                Ok(()) => tracing::info!(
+                Ok(()) => tracing::warn!(
                     "removed {} ({} MiB), left by an earlier attempt that was killed",
                     path.display(),
                     size / (1024 * 1024)
@@ -481,7 +481,7 @@ impl Store {
                 continue;
             }
             let path = entry.path();
-            unmount_leftovers(&path);
+            release_leftovers(&path);
             if mounts_under(&path).is_empty() {
                 report.freed += dir_size(&path);
             }
@@ -621,6 +621,94 @@ pub(crate) fn remove_tree(dir: &Path) -> Result<(), ImageError> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ImageError::io("remove", dir, e)),
         _ => Ok(()),
     }
+}
+
+/// Frees the staging directory `dir` of a process that is gone: what it started and left
+/// running there is stopped, then what it left mounted is detached.
+fn release_leftovers(dir: &Path) {
+    stop_leftover_processes(dir);
+    unmount_leftovers(dir);
+}
+
+/// How long leftover build processes get to end on SIGTERM (mmdebstrap unmounts its chroot
+/// then) before SIGKILL.
+const LEFTOVER_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Stops the processes a killed `vmoat image build` left working in `dir`: its build script,
+/// mmdebstrap, and what runs in the chroot. They are found by `dir` in their command line, or
+/// as their root or working directory, so nothing else on the machine is touched.
+fn stop_leftover_processes(dir: &Path) {
+    let Ok(dir) = dir.canonicalize() else {
+        return;
+    };
+    let leftovers = processes_in(&dir);
+    if leftovers.is_empty() {
+        return;
+    }
+    tracing::info!(
+        "stopping {} process(es) a killed image build left running in {} (pids {leftovers:?})",
+        leftovers.len(),
+        dir.display()
+    );
+
+    let signal_all = |signal: i32, pids: &[i32]| {
+        for &pid in pids {
+            // SAFETY: kill only sends a signal; the pids were just read from /proc.
+            unsafe { libc::kill(pid, signal) };
+        }
+    };
+    signal_all(libc::SIGTERM, &leftovers);
+    let deadline = std::time::Instant::now() + LEFTOVER_GRACE;
+    loop {
+        let left = processes_in(&dir);
+        if left.is_empty() {
+            return;
+        }
+        if std::time::Instant::now() >= deadline {
+            tracing::warn!("killing leftover build processes {left:?}: SIGTERM did not end them");
+            signal_all(libc::SIGKILL, &left);
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// Live processes (not zombies, not this one) that name `dir` in their command line or have
+/// their root or working directory inside it.
+fn processes_in(dir: &Path) -> Vec<i32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let needle = dir.as_os_str().as_encoded_bytes();
+    let me = std::process::id() as i32;
+    let mut pids = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let proc_dir = entry.path();
+        let in_dir =
+            |link: &str| fs::read_link(proc_dir.join(link)).is_ok_and(|p| p.starts_with(dir));
+        let names_dir = fs::read(proc_dir.join("cmdline"))
+            .is_ok_and(|cmd| cmd.windows(needle.len()).any(|w| w == needle));
+        let zombie = fs::read_to_string(proc_dir.join("stat")).is_ok_and(|stat| {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state == "Z" || state == "X")
+        });
+        if !zombie && (names_dir || in_dir("root") || in_dir("cwd")) {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 /// Detaches what a killed mmdebstrap left mounted in its chroot under `dir` (the host's
@@ -1003,8 +1091,16 @@ mod tests {
             .unwrap();
         assert!(status.success(), "mount --bind");
         assert_eq!(mounts_under(&dead).len(), 1);
+        // What the killed build left running there, as mmdebstrap would be.
+        let mut leftover = std::process::Command::new("sleep")
+            .arg("600")
+            .current_dir(&shm)
+            .spawn()
+            .unwrap();
 
         let _staging = store.staging("img").unwrap();
+        let ended = leftover.try_wait().unwrap();
+        assert!(ended.is_some(), "the leftover process was stopped");
         assert!(mounts_under(&dead).is_empty(), "detached");
         assert!(!dead.exists(), "removed");
         assert!(

@@ -396,23 +396,31 @@ fn create(
     let worktree = ctx.worktree()?;
     let arch = Arch::host();
 
-    let image = rt
-        .block_on(vmoat_image::ensure(
-            &config.vm_image,
-            arch,
-            &progress.for_images(),
-        ))
-        .map_err(|e| {
-            if is_bad_image_choice(&e) {
-                return image_choice_error(config, e);
+    // A signal drops the image work (a build stops mmdebstrap, a download keeps its partial
+    // file for a resume) instead of leaving it running after vmoat is gone.
+    let image_progress = progress.for_images();
+    let ensured = rt.block_on(async {
+        tokio::select! {
+            result = vmoat_image::ensure(&config.vm_image, arch, &image_progress) => {
+                Ok(result)
             }
-            let exit = if e.is_download_failure() {
-                Exit::Image
-            } else {
-                Exit::Failed
-            };
-            CodedError::new(exit, e)
-        })?;
+            name = crate::interrupt::signal_received() => Err(CodedError::msg(
+                Exit::Failed,
+                format!("interrupted by {name} while preparing the image; no VM was made"),
+            )),
+        }
+    })?;
+    let image = ensured.map_err(|e| {
+        if is_bad_image_choice(&e) {
+            return image_choice_error(config, e);
+        }
+        let exit = if e.is_download_failure() {
+            Exit::Image
+        } else {
+            Exit::Failed
+        };
+        CodedError::new(exit, e)
+    })?;
 
     let mut undo = Undo {
         dirs: Vec::new(),

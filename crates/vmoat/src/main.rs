@@ -6,6 +6,7 @@ mod commands;
 mod context;
 mod disk_use;
 mod exit;
+mod interrupt;
 mod lifecycle;
 mod logging;
 mod output;

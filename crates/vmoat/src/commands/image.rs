@@ -35,13 +35,13 @@ pub fn run(ctx: &Context, cmd: ImageCommand) -> CmdResult {
 
     match cmd {
         ImageCommand::Build(args) => runtime.block_on(async {
-            // Ctrl-C drops the build, which stops mmdebstrap (it unmounts its chroot on TERM)
-            // and removes the half-made image before vmoat exits.
+            // A signal drops the build, which stops mmdebstrap (it unmounts its chroot on
+            // TERM) and removes the half-made image before vmoat exits.
             tokio::select! {
                 result = build(ctx, &cache, &args, &progress) => result,
-                _ = tokio::signal::ctrl_c() => Err(CodedError::msg(
+                name = crate::interrupt::signal_received() => Err(CodedError::msg(
                     Exit::Failed,
-                    "interrupted; the unfinished image was removed",
+                    format!("interrupted by {name}; the unfinished image was removed"),
                 )),
             }
         }),
