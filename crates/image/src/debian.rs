@@ -70,7 +70,8 @@ const BUILD_TIMEOUT: Duration = Duration::from_secs(45 * 60);
 
 /// How long a build for a foreign arch may take: every maintainer script, the byte-compiling
 /// of cloud-init's Python and the initrd's compression run under qemu-user emulation, and
-/// the arm64 build on a busy two-core x86_64 host took over 45 minutes (`docs/macos.md`).
+/// the arm64 build on a busy two-core x86_64 host took 36 minutes in one run and over 45 in
+/// another (`docs/macos.md`).
 const EMULATED_BUILD_TIMEOUT: Duration = Duration::from_secs(180 * 60);
 
 /// The time limit of a build for `arch` on this host.

@@ -82,9 +82,7 @@ fn os_finding(version: &Result<String, String>) -> Finding {
             Severity::Error,
             "macos",
             format!("macOS {version} is too old for vz (needs {MIN_MACOS_MAJOR} Ventura or later)"),
-            Some(
-                "upgrade macOS, or set VM_TYPE=qemu (install qemu with `brew install qemu`)".into(),
-            ),
+            Some("upgrade macOS to 13 Ventura or later".into()),
         ),
         None => finding(
             Severity::Error,
