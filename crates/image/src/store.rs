@@ -275,32 +275,23 @@ impl Store {
                 continue;
             };
             // `<pid>-<n>` exactly, so `debian-x` never takes `debian-x-aarch64`'s directories.
-            let mut parts = rest.split('-');
-            let pid = parts.next().and_then(|p| p.parse::<i32>().ok());
-            let counter = parts.next().and_then(|n| n.parse::<u32>().ok());
-            let (Some(pid), Some(_), None) = (pid, counter, parts.next()) else {
+            let Some((pid, n)) = rest.split_once('-') else {
+                continue;
+            };
+            let (Ok(pid), Ok(_)) = (pid.parse::<i32>(), n.parse::<u32>()) else {
                 continue;
             };
             if process_alive(pid) {
                 continue;
             }
             let path = entry.path();
-            release_leftovers(&path);
-            if !mounts_under(&path).is_empty() {
-                // remove_tree refuses and says why; measuring would walk /proc and /sys.
-                if let Err(err) = remove_tree(&path) {
-                    tracing::warn!("cannot remove what a killed attempt left: {err}");
-                }
-                continue;
-            }
-            let size = dir_size(&path);
-            match remove_tree(&path) {
-                Ok(()) => tracing::warn!(
+            match clear_dead_staging(&path) {
+                Ok(freed) => tracing::warn!(
                     "removed {} ({} MiB), left by an earlier attempt that was killed",
                     path.display(),
-                    size / (1024 * 1024)
+                    freed / (1024 * 1024)
                 ),
-                Err(err) => tracing::warn!("cannot remove {}: {err}", path.display()),
+                Err(err) => tracing::warn!("cannot remove what a killed attempt left: {err}"),
             }
         }
     }
@@ -481,11 +472,7 @@ impl Store {
                 continue;
             }
             let path = entry.path();
-            release_leftovers(&path);
-            if mounts_under(&path).is_empty() {
-                report.freed += dir_size(&path);
-            }
-            remove_tree(&path)?;
+            report.freed += clear_dead_staging(&path)?;
             report.stale.push(path);
         }
         Ok(())
@@ -621,6 +608,21 @@ pub(crate) fn remove_tree(dir: &Path) -> Result<(), ImageError> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ImageError::io("remove", dir, e)),
         _ => Ok(()),
     }
+}
+
+/// Removes the staging directory `dir` of a process that is gone, after freeing it of what
+/// that process left; the bytes freed.
+fn clear_dead_staging(dir: &Path) -> Result<u64, ImageError> {
+    release_leftovers(dir);
+    // With a mount still inside, remove_tree refuses and says why; measuring first would walk
+    // /proc and /sys.
+    let size = if mounts_under(dir).is_empty() {
+        dir_size(dir)
+    } else {
+        0
+    };
+    remove_tree(dir)?;
+    Ok(size)
 }
 
 /// Frees the staging directory `dir` of a process that is gone: what it started and left
